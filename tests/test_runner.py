@@ -1,0 +1,118 @@
+"""The distributed runner: results, errors with rank and traceback, skips, hangs, no leftovers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+from smpcheck.runner import RankError, RankTimeout, run_on_ranks
+
+
+def all_reduce_rank() -> tuple[int, int, int]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([dist.get_rank()])
+    dist.all_reduce(t)
+    return dist.get_rank(), dist.get_world_size(), int(t)
+
+
+def fail_on(rank: int) -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == rank:
+        raise ValueError(f"planted failure on rank {rank}")
+
+
+def fail_then_peer_waits() -> None:
+    """Rank 1 fails; rank 0 waits on something that never comes."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise KeyError("rank 1 gave up")
+    time.sleep(3600)
+
+
+def hang_in_collective(pid_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    open(os.path.join(pid_dir, f"{dist.get_rank()}.pid"), "w").write(str(os.getpid()))
+    if dist.get_rank() == 0:
+        dist.all_reduce(torch.ones(1))  # rank 1 never joins
+    else:
+        time.sleep(3600)
+
+
+def skip_on_ranks() -> None:
+    pytest.skip("needs a feature this rank lacks")
+
+
+def hard_exit() -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(3)
+
+
+def my_pid() -> int:
+    return os.getpid()
+
+
+def _children_alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and
+            psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_results_come_back_by_rank(world_size: int, tmp_path) -> None:
+    total = sum(range(world_size))
+    assert run_on_ranks(all_reduce_rank, world_size, workdir=tmp_path) == [
+        (r, world_size, total) for r in range(world_size)]
+
+
+def test_child_exception_names_rank_and_traceback(tmp_path) -> None:
+    with pytest.raises(RankError) as err:
+        run_on_ranks(fail_on, 2, args=(1,), workdir=tmp_path)
+    assert err.value.rank == 1
+    assert "ValueError" in err.value.exc_type
+    assert "planted failure on rank 1" in str(err.value)
+    assert "in fail_on" in err.value.child_traceback
+
+
+def test_peer_stuck_after_failure_is_stopped_with_its_stack(tmp_path) -> None:
+    start = time.monotonic()
+    with pytest.raises(RankError) as err:
+        run_on_ranks(fail_then_peer_waits, 2, timeout=60, grace=1, workdir=tmp_path)
+    assert time.monotonic() - start < 30, "the grace period, not the timeout, should end it"
+    assert err.value.rank == 1 and "rank 1 gave up" in str(err.value)
+    assert "rank 0 stack" in str(err.value) and "fail_then_peer_waits" in str(err.value)
+
+
+def test_hang_times_out_with_every_rank_stack_and_no_leftovers(tmp_path) -> None:
+    pids = run_on_ranks(my_pid, 2, workdir=tmp_path)
+    assert not _children_alive(pids)
+    with pytest.raises(RankTimeout) as err:
+        run_on_ranks(hang_in_collective, 2, args=(str(tmp_path),), timeout=4, workdir=tmp_path)
+    text = str(err.value)
+    assert "rank 0 stack" in text and "rank 1 stack" in text
+    assert "hang_in_collective" in text
+    hung = [int((tmp_path / f"{r}.pid").read_text()) for r in range(2)]
+    assert not _children_alive(hung), "a hung rank was left behind"
+
+
+def test_skip_in_a_rank_skips_the_test(tmp_path) -> None:
+    with pytest.raises(pytest.skip.Exception, match="needs a feature"):
+        run_on_ranks(skip_on_ranks, 2, workdir=tmp_path)
+
+
+def test_rank_that_dies_without_a_result_is_named(tmp_path) -> None:
+    with pytest.raises(RankError, match="rank 1 exited with code 3"):
+        run_on_ranks(hard_exit, 2, workdir=tmp_path)
+
+
+def test_fixture_from_plugin(ranks) -> None:
+    assert [r[0] for r in ranks(all_reduce_rank, 2)] == [0, 1]

@@ -24,11 +24,18 @@ from smpcheck.runner import run_on_ranks
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("smpcheck")
-    group.addoption("--smpcheck-timeout", type=float, default=120.0,
-                    help="seconds before a distributed test's ranks are stopped and their "
-                    "stacks reported (default 120)")
-    group.addoption("--smpcheck-device", default="cpu",
-                    help="device for the ranks fixture: cpu (gloo) or cuda (NCCL)")
+    group.addoption(
+        "--smpcheck-timeout",
+        type=float,
+        default=120.0,
+        help="seconds before a distributed test's ranks are stopped and their "
+        "stacks reported (default 120)",
+    )
+    group.addoption(
+        "--smpcheck-device",
+        default="cpu",
+        help="device for the ranks fixture: cpu (gloo) or cuda (NCCL)",
+    )
 
 
 @pytest.fixture
@@ -38,9 +45,11 @@ def ranks(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., list[
     Rendezvous files live in the test's ``tmp_path``; the timeout and device default to the
     ``--smpcheck-timeout`` and ``--smpcheck-device`` options. Returns each rank's result.
     """
-    options = {"timeout": request.config.getoption("--smpcheck-timeout"),
-               "device": request.config.getoption("--smpcheck-device"),
-               "workdir": tmp_path}
+    options = {
+        "timeout": request.config.getoption("--smpcheck-timeout"),
+        "device": request.config.getoption("--smpcheck-device"),
+        "workdir": tmp_path,
+    }
     return functools.partial(_run_with_defaults, options)
 
 

@@ -41,7 +41,16 @@ from pathlib import Path
 from typing import Any
 
 # Imported once by the fork server, so each rank starts warm.
-_PRELOAD = ["torch", "torch.distributed", "transformers", "smpcheck.runner"]
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.fsdp",
+    "torch.distributed.checkpoint.state_dict",
+    "transformers",
+    "transformers.modeling_utils",
+    "accelerate",
+    "smpcheck.runner",
+]
 _PR_SET_PDEATHSIG = 1
 _DUMP_SIGNAL = signal.SIGUSR1
 
@@ -107,8 +116,13 @@ def _rank_main(spec: RankSpec, conn: Connection, fn: Callable, args: tuple, kwar
         try:
             conn.send(payload)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            conn.send(("error", "UnpicklableResult", f"result of {fn.__name__} could not be "
-                       f"pickled: {exc}"))
+            conn.send(
+                (
+                    "error",
+                    "UnpicklableResult",
+                    f"result of {fn.__name__} could not be pickled: {exc}",
+                )
+            )
         conn.close()
 
 
@@ -117,7 +131,9 @@ def _run_in_group(spec: RankSpec, fn: Callable, args: tuple, kwargs: dict) -> An
     import torch.distributed as dist
 
     os.environ.update(
-        RANK=str(spec.rank), WORLD_SIZE=str(spec.world_size), LOCAL_RANK=str(spec.rank),
+        RANK=str(spec.rank),
+        WORLD_SIZE=str(spec.world_size),
+        LOCAL_RANK=str(spec.rank),
         LOCAL_WORLD_SIZE=str(spec.world_size),
     )
     if spec.device.startswith("cuda"):
@@ -200,15 +216,26 @@ def run_on_ranks(
     backend = backend or default_backend(device)
     with tempfile.TemporaryDirectory(prefix="smpcheck-ranks-", dir=workdir) as tmp:
         specs = [
-            RankSpec(rank, world_size, os.path.join(tmp, "store"), backend, device,
-                     os.path.join(tmp, f"stack-{rank}.txt"), dict(env or {}))
+            RankSpec(
+                rank,
+                world_size,
+                os.path.join(tmp, "store"),
+                backend,
+                device,
+                os.path.join(tmp, f"stack-{rank}.txt"),
+                dict(env or {}),
+            )
             for rank in range(world_size)
         ]
         ctx = _context()
         pipes = [ctx.Pipe(duplex=False) for _ in specs]
         procs = [
-            ctx.Process(target=_rank_main, args=(spec, send, fn, args, kwargs or {}),
-                        name=f"smpcheck-rank-{spec.rank}", daemon=True)
+            ctx.Process(
+                target=_rank_main,
+                args=(spec, send, fn, args, kwargs or {}),
+                name=f"smpcheck-rank-{spec.rank}",
+                daemon=True,
+            )
             for spec, (_, send) in zip(specs, pipes)
         ]
         try:
@@ -238,9 +265,14 @@ def _collect(
         if remaining <= 0:
             if first_failure is not None:
                 break
-            raise RankTimeout(_dump_stacks(
-                procs, specs, f"{len(pending)} of {len(specs)} ranks did not finish within "
-                f"{timeout:.0f} s (ranks {sorted(pending.values())}); stacks follow"))
+            raise RankTimeout(
+                _dump_stacks(
+                    procs,
+                    specs,
+                    f"{len(pending)} of {len(specs)} ranks did not finish within "
+                    f"{timeout:.0f} s (ranks {sorted(pending.values())}); stacks follow",
+                )
+            )
         for conn in wait(list(pending), timeout=remaining):
             rank = pending.pop(conn)
             try:
@@ -248,9 +280,12 @@ def _collect(
             except EOFError:
                 code = procs[rank].exitcode
                 procs[rank].join(timeout=1)
-                payloads[rank] = ("error", "RankDied",
-                                  f"rank {rank} exited with code {procs[rank].exitcode or code} "
-                                  "before returning a result (killed by a signal or os._exit)")
+                payloads[rank] = (
+                    "error",
+                    "RankDied",
+                    f"rank {rank} exited with code {procs[rank].exitcode or code} "
+                    "before returning a result (killed by a signal or os._exit)",
+                )
             if payloads[rank][0] != "ok" and first_failure is None:
                 first_failure = rank
                 deadline = min(deadline, time.monotonic() + grace)
@@ -259,17 +294,29 @@ def _collect(
     return [payloads[rank][1] for rank in range(len(specs))]
 
 
-def _raise_failure(payloads: dict[int, tuple], rank: int, procs: list[mp.Process],
-                   specs: list[RankSpec], stuck: list[int]) -> None:
+def _raise_failure(
+    payloads: dict[int, tuple],
+    rank: int,
+    procs: list[mp.Process],
+    specs: list[RankSpec],
+    stuck: list[int],
+) -> None:
     kind, exc_type, text = payloads[rank]
     if kind == "skip":
         import pytest
 
         pytest.skip(f"rank {rank}: {text}")
-    others = [f"rank {r} also raised {p[1]}: {p[2].strip().splitlines()[-1]}"
-              for r, p in sorted(payloads.items()) if r != rank and p[0] == "error"]
+    others = [
+        f"rank {r} also raised {p[1]}: {p[2].strip().splitlines()[-1]}"
+        for r, p in sorted(payloads.items())
+        if r != rank and p[0] == "error"
+    ]
     stacks = ""
     if stuck:
-        stacks = _dump_stacks(procs, specs, f"ranks {stuck} were still running after rank "
-                              f"{rank} failed (waiting on it in a collective?); stacks follow")
+        stacks = _dump_stacks(
+            procs,
+            specs,
+            f"ranks {stuck} were still running after rank "
+            f"{rank} failed (waiting on it in a collective?); stacks follow",
+        )
     raise RankError(rank, exc_type, text, "\n".join(others + ([stacks] if stacks else [])))

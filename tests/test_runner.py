@@ -63,15 +63,19 @@ def my_pid() -> int:
 
 
 def _children_alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if psutil.pid_exists(p) and
-            psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    return [
+        p
+        for p in pids
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_results_come_back_by_rank(world_size: int, tmp_path) -> None:
     total = sum(range(world_size))
     assert run_on_ranks(all_reduce_rank, world_size, workdir=tmp_path) == [
-        (r, world_size, total) for r in range(world_size)]
+        (r, world_size, total) for r in range(world_size)
+    ]
 
 
 def test_child_exception_names_rank_and_traceback(tmp_path) -> None:

@@ -1,0 +1,18 @@
+"""A readable reference of the SMP v2 fine-tuning recipe: delayed parameter init and TP.
+
+Names follow SMP (``torch.sagemaker``) so a script moves over by changing one import.
+"""
+
+from reference_impl.delayed_param import DelayedParamIniter, ParamInitError
+from reference_impl.fsdp import allow_cpu_sync_module_states, apply_fsdp1, apply_fsdp2
+from reference_impl.loading import build_meta_model, load_on_rank0
+
+__all__ = [
+    "DelayedParamIniter",
+    "ParamInitError",
+    "allow_cpu_sync_module_states",
+    "apply_fsdp1",
+    "apply_fsdp2",
+    "build_meta_model",
+    "load_on_rank0",
+]

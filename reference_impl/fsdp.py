@@ -1,0 +1,175 @@
+"""Wrap a rank-0-loaded model with FSDP1 (the SMP recipe) or FSDP2, on any device.
+
+``apply_fsdp1`` is the seed recipe as written: rank 0 passes its real model, the other ranks a
+meta model and ``DelayedParamIniter``'s ``param_init_fn``; ``sync_module_states=True``
+broadcasts rank 0's parameters and buffers; the constructor runs inside the validator.
+
+``apply_fsdp2`` is its FSDP2 counterpart: ``fully_shard`` on every rank (meta on non-zero
+ranks), ``to_empty`` with tensor swapping (so tied parameters stay one object), then
+``set_model_state_dict(..., broadcast_from_rank0=True)`` from rank 0's full state dict, then
+the non-persistent buffers, which no state dict carries.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import _init_utils as fsdp1_init_utils
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+from reference_impl.delayed_param import DelayedParamIniter
+
+
+def block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The repeated blocks to wrap (decoder layers): the model's ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"{type(model).__name__} declares no _no_split_modules; pass "
+            "block_classes= the decoder layer classes to wrap"
+        )
+    return classes
+
+
+@contextmanager
+def allow_cpu_sync_module_states(process_group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Let FSDP1's ``sync_module_states`` broadcast CPU tensors over gloo.
+
+    FSDP1 refuses CPU module states with a device guard
+    (``_check_module_states_for_sync_module_states``), although gloo broadcasts CPU tensors
+    fine: it was written for NCCL. While this context is active, and only when the group's
+    backend is gloo, the guard lets all-CPU states through; anything else still meets the
+    original guard. Outside the context nothing is patched, so the CUDA/NCCL path is untouched.
+    """
+    if "gloo" not in str(dist.get_backend(process_group)).lower():
+        yield
+        return
+    original = fsdp1_init_utils._check_module_states_for_sync_module_states
+
+    def guard(module_states: list[torch.Tensor]) -> None:
+        if not all(t.device.type == "cpu" for t in module_states):
+            original(module_states)
+
+    fsdp1_init_utils._check_module_states_for_sync_module_states = guard
+    try:
+        yield
+    finally:
+        fsdp1_init_utils._check_module_states_for_sync_module_states = original
+
+
+def apply_fsdp1(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    initer: DelayedParamIniter | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    device_mesh: DeviceMesh | None = None,
+    blocks: set[type[nn.Module]] | None = None,
+    use_orig_params: bool = True,
+    **fsdp_kwargs,
+) -> FSDP:
+    """The SMP v2 recipe with FSDP1: ``sync_module_states`` plus ``param_init_fn``.
+
+    Args:
+        model: rank 0's real model, or a meta model on other ranks.
+        device: the compute device (``"cpu"`` with gloo, ``"cuda:N"`` with NCCL).
+        initer: ``DelayedParamIniter(model)`` on non-zero ranks, None on rank 0.
+        process_group, device_mesh: the data-parallel group (default: the world).
+        blocks: classes to wrap as units; the model's decoder layers by default.
+        use_orig_params: FSDP1's flag (True keeps per-parameter views, needed for TP).
+        **fsdp_kwargs: anything else FSDP accepts (mixed_precision, sharding_strategy...).
+
+    Returns:
+        The FSDP-wrapped model, with every rank holding rank 0's values.
+
+    Raises:
+        ParamInitError: a tensor on a non-zero rank was not initialised (from the validator).
+    """
+    device = torch.device(device)
+    group = device_mesh.get_group() if device_mesh is not None else process_group
+    validate = initer.validate_params_and_buffers_inited() if initer else nullcontext()
+    cpu_shim = allow_cpu_sync_module_states(group) if device.type == "cpu" else nullcontext()
+    with validate, cpu_shim:
+        return FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy(blocks or block_classes(model)),
+            device_id=device if device.type == "cpu" else device.index,
+            sync_module_states=True,
+            param_init_fn=initer.get_param_init_fn() if initer else None,
+            process_group=None if device_mesh is not None else process_group,
+            device_mesh=device_mesh,
+            use_orig_params=use_orig_params,
+            **fsdp_kwargs,
+        )
+
+
+@contextmanager
+def _swap_params_on_conversion() -> Iterator[None]:
+    """``to_empty`` keeps each Parameter object (so ties survive) while this is on."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
+def apply_fsdp2(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    initer: DelayedParamIniter | None = None,
+    mesh: DeviceMesh | None = None,
+    blocks: set[type[nn.Module]] | None = None,
+    mp_policy: MixedPrecisionPolicy | None = None,
+) -> nn.Module:
+    """FSDP2 with weights broadcast from rank 0's full state dict.
+
+    Args:
+        model: rank 0's real model, or a meta model on other ranks.
+        device: the compute device.
+        initer: ``DelayedParamIniter(model)`` on non-zero ranks (restores buffers and ties,
+            validates); None on rank 0.
+        mesh: the data-parallel mesh (default: 1-D over the world on ``device``).
+        blocks: classes to shard as units; the model's decoder layers by default.
+        mp_policy: FSDP2 mixed precision.
+
+    Returns:
+        The same module, now an ``FSDPModule`` whose shards hold rank 0's values.
+    """
+    device = torch.device(device)
+    rank = dist.get_rank()
+    full_state = model.state_dict() if rank == 0 else {}
+    mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
+    shard = functools.partial(
+        fully_shard, mesh=mesh, **({"mp_policy": mp_policy} if mp_policy else {})
+    )
+    wrap_classes = tuple(blocks or block_classes(model))
+    validate = initer.validate_params_and_buffers_inited() if initer else nullcontext()
+    with validate:
+        for module in model.modules():
+            if isinstance(module, wrap_classes):
+                shard(module)
+        shard(model)
+        if initer is not None:
+            with _swap_params_on_conversion():
+                model.to_empty(device=device)
+        set_model_state_dict(
+            model,
+            full_state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        if initer is not None:
+            initer.get_post_param_init_fn()(model)
+    del full_state
+    return model

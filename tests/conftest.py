@@ -1,0 +1,21 @@
+"""Shared fixtures: tiny checkpoints written once per test session (per xdist worker)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.models import FAMILIES, write_family
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny checkpoint per model family, by family name."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: write_family(family, root) for family in FAMILIES}

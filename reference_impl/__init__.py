@@ -6,13 +6,18 @@ Names follow SMP (``torch.sagemaker``) so a script moves over by changing one im
 from reference_impl.delayed_param import DelayedParamIniter, ParamInitError
 from reference_impl.fsdp import allow_cpu_sync_module_states, apply_fsdp1, apply_fsdp2
 from reference_impl.loading import build_meta_model, load_on_rank0
+from reference_impl.tp_plans import TPConfigError
+from reference_impl.transform import build_mesh, transform
 
 __all__ = [
     "DelayedParamIniter",
     "ParamInitError",
+    "TPConfigError",
     "allow_cpu_sync_module_states",
     "apply_fsdp1",
     "apply_fsdp2",
+    "build_mesh",
     "build_meta_model",
     "load_on_rank0",
+    "transform",
 ]

@@ -62,6 +62,18 @@ def has_sentinel(tensor: torch.Tensor) -> bool:
     return bool((local == torch.iinfo(local.dtype).min).any())
 
 
+@contextmanager
+def swap_params_on_conversion() -> Iterator[None]:
+    """While active, ``to_empty``/``to`` swap data into each existing Parameter object instead
+    of registering a new one, so tied parameters stay one object (and FSDP2 keeps its refs)."""
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

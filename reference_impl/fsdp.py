@@ -26,7 +26,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp import _init_utils as fsdp1_init_utils
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from reference_impl.delayed_param import DelayedParamIniter
+from reference_impl.delayed_param import DelayedParamIniter, swap_params_on_conversion
+from smpcheck.tensors import tie_groups
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -67,6 +68,20 @@ def allow_cpu_sync_module_states(process_group: dist.ProcessGroup | None = None)
         fsdp1_init_utils._check_module_states_for_sync_module_states = original
 
 
+def _refuse_tied_dtensors(model: nn.Module) -> None:
+    """FSDP1 loses part of the gradient of a tied DTensor (TP) parameter: measured here, the
+    loss matches the dense model at step 1 and drifts from step 2. Refuse it up front."""
+    for group in tie_groups(model):
+        _, owner, attr = group[0]
+        if hasattr(owner._parameters[attr], "placements"):
+            names = ", ".join(name for name, _, _ in group)
+            raise NotImplementedError(
+                f"FSDP1 cannot train the tied tensor-parallel parameter [{names}] correctly "
+                "(its gradient drifts from the dense model's after the first step); use FSDP2 "
+                "(apply_fsdp2 on the 'dp' mesh) or untie the embeddings"
+            )
+
+
 def apply_fsdp1(
     model: nn.Module,
     *,
@@ -95,6 +110,7 @@ def apply_fsdp1(
     Raises:
         ParamInitError: a tensor on a non-zero rank was not initialised (from the validator).
     """
+    _refuse_tied_dtensors(model)
     device = torch.device(device)
     group = device_mesh.get_group() if device_mesh is not None else process_group
     validate = initer.validate_params_and_buffers_inited() if initer else nullcontext()
@@ -113,17 +129,6 @@ def apply_fsdp1(
         )
 
 
-@contextmanager
-def _swap_params_on_conversion() -> Iterator[None]:
-    """``to_empty`` keeps each Parameter object (so ties survive) while this is on."""
-    previous = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
-        yield
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(previous)
-
-
 def apply_fsdp2(
     model: nn.Module,
     *,
@@ -132,6 +137,7 @@ def apply_fsdp2(
     mesh: DeviceMesh | None = None,
     blocks: set[type[nn.Module]] | None = None,
     mp_policy: MixedPrecisionPolicy | None = None,
+    load_from_rank0: bool = True,
 ) -> nn.Module:
     """FSDP2 with weights broadcast from rank 0's full state dict.
 
@@ -143,13 +149,15 @@ def apply_fsdp2(
         mesh: the data-parallel mesh (default: 1-D over the world on ``device``).
         blocks: classes to shard as units; the model's decoder layers by default.
         mp_policy: FSDP2 mixed precision.
+        load_from_rank0: broadcast rank 0's state dict after sharding; False when every
+            rank already holds its values (after ``transform(load_state_dict_from_rank0=True)``).
 
     Returns:
         The same module, now an ``FSDPModule`` whose shards hold rank 0's values.
     """
     device = torch.device(device)
     rank = dist.get_rank()
-    full_state = model.state_dict() if rank == 0 else {}
+    full_state = model.state_dict() if rank == 0 and load_from_rank0 else {}
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
     shard = functools.partial(
         fully_shard, mesh=mesh, **({"mp_policy": mp_policy} if mp_policy else {})
@@ -162,13 +170,14 @@ def apply_fsdp2(
                 shard(module)
         shard(model)
         if initer is not None:
-            with _swap_params_on_conversion():
+            with swap_params_on_conversion():
                 model.to_empty(device=device)
-        set_model_state_dict(
-            model,
-            full_state,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
+        if load_from_rank0:
+            set_model_state_dict(
+                model,
+                full_state,
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )
         if initer is not None:
             initer.get_post_param_init_fn()(model)
     del full_state

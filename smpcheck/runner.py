@@ -58,8 +58,16 @@ _DUMP_SIGNAL = signal.SIGUSR1
 class RankError(RuntimeError):
     """A rank raised; the message carries its rank and its own traceback."""
 
-    def __init__(self, rank: int, exc_type: str, child_traceback: str, others: str = "") -> None:
+    def __init__(
+        self,
+        rank: int,
+        exc_type: str,
+        child_traceback: str,
+        others: str = "",
+        failed_ranks: list[int] | None = None,
+    ) -> None:
         self.rank = rank
+        self.failed_ranks = failed_ranks or [rank]
         self.exc_type = exc_type
         self.child_traceback = child_traceback
         message = f"rank {rank} raised {exc_type}:\n{child_traceback}"
@@ -319,4 +327,5 @@ def _raise_failure(
             f"ranks {stuck} were still running after rank "
             f"{rank} failed (waiting on it in a collective?); stacks follow",
         )
-    raise RankError(rank, exc_type, text, "\n".join(others + ([stacks] if stacks else [])))
+    failed = sorted(r for r, p in payloads.items() if p[0] == "error")
+    raise RankError(rank, exc_type, text, "\n".join(others + ([stacks] if stacks else [])), failed)

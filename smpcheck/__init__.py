@@ -1,6 +1,19 @@
 """smpcheck: verify that distributed init of a Hugging Face model left every rank right."""
 
+from smpcheck.report.model import CheckResult, Finding, Report, Status
 from smpcheck.runner import RankError, RankTimeout, run_on_ranks
+from smpcheck.verify import PreflightError, preflight, verify
 
-__all__ = ["RankError", "RankTimeout", "run_on_ranks"]
+__all__ = [
+    "CheckResult",
+    "Finding",
+    "PreflightError",
+    "RankError",
+    "RankTimeout",
+    "Report",
+    "Status",
+    "preflight",
+    "run_on_ranks",
+    "verify",
+]
 __version__ = "0.1.0"

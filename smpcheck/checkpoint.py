@@ -1,0 +1,137 @@
+"""Read a safetensors checkpoint lazily, one tensor at a time, under the model's own names.
+
+A checkpoint is a directory with ``model.safetensors`` or a sharded set with
+``model.safetensors.index.json`` (or a single ``.safetensors`` file). Files are memory-mapped
+by ``safe_open``; a tensor is read only when asked for, so checking a 70B checkpoint holds one
+tensor at a time.
+
+Checkpoint keys are not always the model's names: transformers 5 renames some on load
+(GPT-NeoX ``embed_out`` -> ``lm_head``) and fuses others (Mixtral's per-expert ``w1``/``w3``
+into ``gate_up_proj``). Renames are applied through the model's own conversion mapping;
+fused tensors are reported as not comparable one-to-one rather than silently skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be read: missing files, a broken index, a corrupt header."""
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """Checkpoint key -> file holding it."""
+    if path.is_file():
+        return {key: path for key in _keys_of(path)}
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index: {exc}") from exc
+        missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+        if missing:
+            raise CheckpointError(f"{index} names files that do not exist: {missing}")
+        return {key: path / f for key, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if single.exists():
+        return {key: single for key in _keys_of(single)}
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _keys_of(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+
+
+def _renames(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(regex, replacement) renames checkpoint -> model, and regexes of fused sources and of
+    the model tensors they are fused into."""
+    renames: list[tuple[str, str]] = []
+    fused: list[str] = []
+    targets: list[str] = []
+    legacy = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    renames += list(legacy.items())  # transformers 4.x
+    try:  # transformers 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return renames, fused, targets
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - a model without a mapping simply has no renames
+        return renames, fused, targets
+    for t in transforms:
+        sources = list(getattr(t, "source_patterns", []))
+        if type(t) is WeightRenaming or (isinstance(t, WeightRenaming) and len(sources) == 1):
+            renames += [(src, t.target_patterns[0]) for src in sources]
+        else:
+            fused += [re.escape(s).replace(r"\*", r"\d+") for s in sources]
+            targets += [
+                re.escape(s).replace(r"\*", r"\d+") + "$" for s in getattr(t, "target_patterns", [])
+            ]
+    return renames, fused, targets
+
+
+class Checkpoint:
+    """A lazily read safetensors checkpoint, keyed by the model's parameter names."""
+
+    def __init__(self, path: str | Path, model: nn.Module | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"checkpoint {self.path} does not exist")
+        self.files = _files(self.path)
+        self._handles: dict[Path, Any] = {}
+        renames, fused, self._fused_targets = _renames(model) if model is not None else ([], [], [])
+        self.fused_keys = sorted(k for k in self.files if any(re.search(p, k) for p in fused))
+        self.by_model_name: dict[str, str] = {}
+        for key in self.files:
+            if key in self.fused_keys:
+                continue
+            name = key
+            for pattern, replacement in renames:
+                name = re.sub(pattern, replacement, name)
+            self.by_model_name[name] = key
+
+    @cached_property
+    def dtypes(self) -> dict[str, str]:
+        """Checkpoint key -> dtype name as stored."""
+        out = {}
+        for key, file in self.files.items():
+            out[key] = str(self._handle(file).get_slice(key).get_dtype())
+        return out
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def key_for(self, name: str, prefix: str = "") -> str | None:
+        """The checkpoint key holding model tensor ``name`` (trying the base-model prefix)."""
+        for candidate in (name, name.removeprefix(prefix), prefix + name):
+            if candidate in self.by_model_name:
+                return self.by_model_name[candidate]
+        return None
+
+    def is_fused_target(self, name: str) -> bool:
+        """True when the model builds ``name`` from several checkpoint tensors on load."""
+        return any(re.search(p, name) for p in self._fused_targets)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, read from its (memory-mapped) file now."""
+        try:
+            return self._handle(self.files[key]).get_tensor(key)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {key} from {self.files[key]}: {exc}") from exc

@@ -1,0 +1,115 @@
+"""preflight: the same structure on every rank, before any FSDP or TP collective runs.
+
+FSDP1's flat-parameter broadcast dies inside gloo ("Received data size doesn't match expected
+size") when one rank's parameter list differs, e.g. a tie that holds on rank 0 and not on
+rank 1. Here every rank exchanges one small digest of its structure (names, shapes, dtypes,
+requires_grad, tie groups) and its device types; only when they differ are the full
+structures gathered, and the first differences named, rank by rank.
+"""
+
+from __future__ import annotations
+
+import json
+
+import xxhash
+from torch import nn
+
+from smpcheck.checks.base import CheckContext, result
+from smpcheck.pieces import fsdp1_full_shapes, observed_tie_groups
+from smpcheck.report.model import CheckResult, Finding
+from smpcheck.tensors import clean_name
+
+MAX_DIFFERENCES_PER_RANK = 10
+
+
+def structure(model: nn.Module) -> dict:
+    """This rank's structure: per tensor (kind, shape, dtype, requires_grad, placements),
+    tie groups, and device types (meta excluded: rank 0 real, others meta is the recipe)."""
+    full_shapes = fsdp1_full_shapes(model)
+    tensors = {
+        name: ["param", shape, dtype, True, []] for name, (shape, dtype) in full_shapes.items()
+    }
+    seen = set()
+    for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers())):
+        for raw, t in items:
+            name = clean_name(raw)
+            if id(t) in seen or name in full_shapes or "_flat_param" in raw:
+                continue
+            seen.add(id(t))
+            placements = [str(p) for p in getattr(t, "placements", ())]
+            tensors[name] = [
+                kind,
+                list(t.shape),
+                str(t.dtype).replace("torch.", ""),
+                bool(t.requires_grad),
+                placements,
+            ]
+    ties = sorted(sorted(g) for g in observed_tie_groups(model))
+    devices = sorted({t.device.type for t in [*model.parameters(), *model.buffers()]} - {"meta"})
+    return {"tensors": tensors, "ties": ties, "devices": devices}
+
+
+def _differences(base: dict, other: dict) -> list[tuple[str, str, str, str]]:
+    """(tensor, problem, rank 0's, this rank's) for the first structural differences."""
+    out = []
+    a, b = base["tensors"], other["tensors"]
+    for name in [n for n in a if n not in b]:
+        out.append((name, "missing on this rank", "present", "absent"))
+    for name in [n for n in b if n not in a]:
+        out.append((name, "exists only on this rank", "absent", "present"))
+    fields = ("kind", "shape", "dtype", "requires_grad", "placements")
+    for name in [n for n in a if n in b and a[n] != b[n]]:
+        for field, x, y in zip(fields, a[name], b[name]):
+            if x != y:
+                out.append((name, f"{field} differs", str(x), str(y)))
+    ties_a, ties_b = {tuple(g) for g in base["ties"]}, {tuple(g) for g in other["ties"]}
+    for group in sorted(ties_a - ties_b):
+        out.append((" = ".join(group), "tied on rank 0, not tied here", "tied", "untied"))
+    for group in sorted(ties_b - ties_a):
+        out.append((" = ".join(group), "tied here, not on rank 0", "untied", "tied"))
+    if base["devices"] and other["devices"] and base["devices"] != other["devices"]:
+        out.append(
+            (
+                "(model)",
+                "device types differ",
+                ",".join(base["devices"]),
+                ",".join(other["devices"]),
+            )
+        )
+    return out
+
+
+_HINTS = {
+    "tied": "tie the weights identically on every rank (model.tie_weights() after building "
+    "on meta) before FSDP/TP, or FSDP's broadcast aborts inside the backend",
+    "dtype": "load/build every rank in one dtype (FSDP flattens only uniform dtypes)",
+    "shape": "every rank must build the same config (same checkpoint, same overrides)",
+}
+
+
+def _hint(problem: str) -> str:
+    return next(
+        (h for key, h in _HINTS.items() if key in problem),
+        "build the same model on every rank before wrapping",
+    )
+
+
+class Preflight:
+    name = "preflight"
+
+    def run(self, ctx: CheckContext) -> CheckResult:
+        mine = structure(ctx.model)
+        key = xxhash.xxh3_64_hexdigest(json.dumps([mine["tensors"], mine["ties"]]).encode())
+        summaries = ctx.all_gather((key, mine["devices"]))
+        devices = {tuple(d) for _, d in summaries if d}
+        count = f"{len(mine['tensors'])} tensors, {len(mine['ties'])} tie groups"
+        if len({k for k, _ in summaries}) == 1 and len(devices) <= 1:
+            return result(self.name, [], f"{count}: identical on all {ctx.world_size} ranks")
+        structures = ctx.all_gather(mine)  # only on a mismatch: O(tensors) per rank
+        findings = []
+        if ctx.rank != 0:
+            for tensor, problem, base, here in _differences(structures[0], mine)[
+                :MAX_DIFFERENCES_PER_RANK
+            ]:
+                findings.append(Finding(tensor, [ctx.rank], problem, base, here, _hint(problem)))
+        return result(self.name, findings, "", f"{count}: structure differs across ranks")

@@ -1,0 +1,185 @@
+"""What each rank holds of each tensor, whatever wrapped the model.
+
+A :class:`Piece` is one rank's part of one named tensor: the whole tensor (plain modules,
+replicated buffers), a DTensor's local shard (TP, FSDP2, both), or a range of the flattened
+tensor inside an FSDP1 ``FlatParameter`` (``use_orig_params`` on or off). Each piece knows
+
+* how to cut its expected value out of the full tensor (``expected_from``), so checks can
+  compare against a checkpoint or a dense model without gathering anything, and
+* its ``replica_key``: pieces with equal keys on different ranks must hold equal values
+  (replicated tensors, TP shards across data-parallel replicas, HSDP replicas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from smpcheck.tensors import clean_name
+
+
+@dataclass
+class Piece:
+    """One rank's part of one named tensor."""
+
+    name: str
+    data: torch.Tensor
+    is_param: bool
+    persistent: bool = True
+    kind: str = "full"  # "full" | "dtensor" | "flat"
+    mesh: Any = None
+    placements: tuple = ()
+    flat_range: tuple[int, int] | None = None  # [start, stop) of the flattened tensor
+    shard_coords: tuple = field(default_factory=tuple)
+
+    @property
+    def replica_key(self) -> tuple:
+        return (self.name, self.kind, self.shard_coords, self.flat_range)
+
+    def where(self) -> str:
+        """Human words for which part this is."""
+        if self.kind == "dtensor":
+            shards = [
+                f"{p} at mesh coord {c}"
+                for p, c in zip(self.placements, self.mesh.get_coordinate())
+                if p.is_shard()
+            ]
+            return "local shard " + (", ".join(shards) or "(replicated)")
+        if self.kind == "flat":
+            return f"FSDP1 flat elements [{self.flat_range[0]}:{self.flat_range[1]})"
+        return "whole tensor"
+
+    def expected_from(self, full: torch.Tensor) -> torch.Tensor:
+        """The part of ``full`` (the whole expected tensor) this piece should equal."""
+        if self.kind == "dtensor":
+            from torch.distributed.tensor import distribute_tensor
+
+            full = full.to(self.data.device)
+            return distribute_tensor(
+                full, self.mesh, self.placements, src_data_rank=None
+            ).to_local()
+        if self.kind == "flat":
+            return full.reshape(-1)[self.flat_range[0] : self.flat_range[1]]
+        return full
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside FSDP1/DDP/accelerate wrappers (``.module`` chains)."""
+    while isinstance(getattr(model, "module", None), nn.Module) and (
+        type(model).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel")
+    ):
+        model = model.module
+    return model
+
+
+def _fsdp1_handles(model: nn.Module) -> list[tuple[str, Any]]:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover - torch without FSDP1
+        return []
+    handles = []
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in FSDP.fsdp_modules(model):
+        handle = getattr(module, "_handle", None)
+        if handle is not None:
+            handles.append((clean_name(names.get(id(module), "")), handle))
+    return handles
+
+
+def _flat_pieces(prefix: str, handle: Any) -> Iterator[Piece]:
+    flat = handle.flat_param
+    local = flat.detach()
+    for fqn, info in zip(flat._fqns, flat._shard_param_infos):
+        if not info.in_shard:
+            continue
+        start, numel = info.intra_param_start_idx, info.numel_in_shard
+        yield Piece(
+            name=_join(prefix, fqn),
+            data=local[info.offset_in_shard : info.offset_in_shard + numel],
+            is_param=True,
+            kind="flat",
+            flat_range=(start, start + numel),
+        )
+
+
+def iter_pieces(model: nn.Module) -> Iterator[Piece]:
+    """Every parameter and buffer piece this rank holds, in the same order on every rank."""
+    handles = _fsdp1_handles(model)
+    flat_names: set[str] = set()
+    for prefix, handle in handles:
+        for piece in _flat_pieces(prefix, handle):
+            flat_names.add(piece.name)
+            yield piece
+        for fqn in handle.flat_param._fqns:
+            flat_names.add(_join(prefix, fqn))
+    seen: set[int] = set()
+    non_persistent = {
+        clean_name(f"{mn}.{b}" if mn else b)
+        for mn, m in model.named_modules()
+        for b in m._non_persistent_buffers_set
+    }
+    tensors = [(n, t, True) for n, t in model.named_parameters()]
+    tensors += [(n, t, False) for n, t in model.named_buffers()]
+    for raw_name, tensor, is_param in tensors:
+        name = clean_name(raw_name)
+        if id(tensor) in seen or name in flat_names or "_flat_param" in raw_name:
+            continue
+        seen.add(id(tensor))
+        yield _piece(name, tensor, is_param, name not in non_persistent)
+
+
+def _piece(name: str, tensor: torch.Tensor, is_param: bool, persistent: bool) -> Piece:
+    placements = getattr(tensor, "placements", None)
+    if placements is None:
+        return Piece(name, tensor.detach(), is_param, persistent)
+    mesh = tensor.device_mesh
+    coords = mesh.get_coordinate() or ()
+    shard_coords = tuple((dim, coords[dim]) for dim, p in enumerate(placements) if p.is_shard())
+    return Piece(
+        name,
+        tensor.to_local().detach(),
+        is_param,
+        persistent,
+        kind="dtensor",
+        mesh=mesh,
+        placements=tuple(placements),
+        shard_coords=shard_coords,
+    )
+
+
+def fsdp1_full_shapes(model: nn.Module) -> dict[str, tuple[list[int], str]]:
+    """Name -> (unsharded shape, dtype) of every FSDP1-managed parameter: its module
+    attribute is only a view of this rank's flat shard (or absent)."""
+    out = {}
+    for prefix, handle in _fsdp1_handles(model):
+        flat = handle.flat_param
+        for fqn, shape in zip(flat._fqns, flat._shapes):
+            out[_join(prefix, fqn)] = (list(shape), str(flat.dtype).replace("torch.", ""))
+    return out
+
+
+def _join(*parts: str) -> str:
+    return clean_name(".".join(p for p in parts if p))
+
+
+def observed_tie_groups(model: nn.Module) -> list[set[str]]:
+    """Names that share one tensor on this rank, including FSDP1's de-duplicated params."""
+    from smpcheck.tensors import tie_groups
+
+    groups = [{name for name, _, _ in g} for g in tie_groups(model)]
+    for prefix, handle in _fsdp1_handles(model):
+        for info in handle.flat_param._shared_param_infos:
+            pair = {
+                _join(prefix, info.module_name, info.param_name),
+                _join(prefix, info.prim_module_name, info.prim_param_name),
+            }
+            match = next((g for g in groups if g & pair), None)
+            if match is None:
+                groups.append(pair)
+            else:
+                match |= pair
+    return groups

@@ -1,0 +1,92 @@
+"""``verify`` and ``preflight``: the public entry points, collective over all ranks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smpcheck.checks import ALL_CHECKS, CheckContext
+from smpcheck.checks.base import gather_result, run_check
+from smpcheck.report.model import Report
+
+
+class PreflightError(RuntimeError):
+    """Ranks disagree on the model's structure; the message names the differences."""
+
+
+def environment(ctx: CheckContext) -> dict[str, Any]:
+    """Versions, world and hosts: what a bug report needs (gathered: hosts of every rank)."""
+    import transformers
+
+    hosts = ctx.all_gather(socket.gethostname())
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "world_size": ctx.world_size,
+        "backend": str(dist.get_backend(ctx.process_group)) if dist.is_initialized() else "",
+        "hosts": sorted(set(hosts)),
+        "model": type(ctx.inner).__name__,
+        "checkpoint": str(ctx.checkpoint or ""),
+        "devices": sorted({p.device.type for p in ctx.model.parameters()}),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+    }
+
+
+def verify(
+    model: nn.Module,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    dense_model: nn.Module | None = None,
+    process_group: Any = None,
+    checks: Iterable[str] | None = None,
+) -> Report:
+    """Check a wrapped model on every rank and return the same :class:`Report` everywhere.
+
+    Call it collectively (every rank, same arguments) after wrapping with FSDP1, FSDP2, TP or
+    nothing at all. Checks that lack what they need (no checkpoint, no dense model, no TP)
+    report ``skip`` with the reason; none passes silently.
+
+    Args:
+        model: the model as the training loop will use it.
+        checkpoint: safetensors directory (or file) the weights should equal.
+        dense_model: an unsharded reference model, for TP shards and numerics.
+        process_group: the group to check across (default: the world).
+        checks: names to run (default: all): preflight, initialised, rank_parity,
+            checkpoint_parity, tp_shards, tp_numerics.
+
+    Returns:
+        The report; ``report.ok`` is False when any check failed or errored.
+
+    Example:
+        >>> report = smpcheck.verify(model, checkpoint="/ckpt/llama")  # doctest: +SKIP
+        >>> assert report.ok, report.summary()
+    """
+    names = list(checks or ALL_CHECKS)
+    unknown = [n for n in names if n not in ALL_CHECKS]
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; known: {list(ALL_CHECKS)}")
+    ctx = CheckContext(model, Path(checkpoint) if checkpoint else None, dense_model, process_group)
+    results = [gather_result(ctx, run_check(ALL_CHECKS[n](), ctx)) for n in names]
+    return Report(results, environment(ctx))
+
+
+def preflight(model: nn.Module, process_group: Any = None, *, strict: bool = True) -> Report:
+    """Compare the model's structure across ranks before any FSDP or TP collective.
+
+    Raises:
+        PreflightError: (with ``strict``) the ranks differ; the message names each difference
+            as a sentence, instead of a backend abort later.
+    """
+    report = verify(model, process_group=process_group, checks=["preflight"])
+    if strict and not report.ok:
+        raise PreflightError("ranks disagree on the model's structure:\n" + report.summary())
+    return report

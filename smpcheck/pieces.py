@@ -22,6 +22,12 @@ from torch import nn
 from smpcheck.tensors import clean_name
 
 
+def splits(placement: Any) -> bool:
+    """True for placements that give each coordinate different data (Shard, _StridedShard):
+    anything but Replicate and Partial."""
+    return not (placement.is_replicate() or placement.is_partial())
+
+
 @dataclass
 class Piece:
     """One rank's part of one named tensor."""
@@ -46,7 +52,7 @@ class Piece:
             shards = [
                 f"{p} at mesh coord {c}"
                 for p, c in zip(self.placements, self.mesh.get_coordinate())
-                if p.is_shard()
+                if splits(p)
             ]
             return "local shard " + (", ".join(shards) or "(replicated)")
         if self.kind == "flat":
@@ -138,7 +144,7 @@ def _piece(name: str, tensor: torch.Tensor, is_param: bool, persistent: bool) ->
         return Piece(name, tensor.detach(), is_param, persistent)
     mesh = tensor.device_mesh
     coords = mesh.get_coordinate() or ()
-    shard_coords = tuple((dim, coords[dim]) for dim, p in enumerate(placements) if p.is_shard())
+    shard_coords = tuple((dim, coords[dim]) for dim, p in enumerate(placements) if splits(p))
     return Piece(
         name,
         tensor.to_local().detach(),

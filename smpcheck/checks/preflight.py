@@ -107,9 +107,13 @@ class Preflight:
             return result(self.name, [], f"{count}: identical on all {ctx.world_size} ranks")
         structures = ctx.all_gather(mine)  # only on a mismatch: O(tensors) per rank
         findings = []
-        if ctx.rank != 0:
-            for tensor, problem, base, here in _differences(structures[0], mine)[
-                :MAX_DIFFERENCES_PER_RANK
-            ]:
-                findings.append(Finding(tensor, [ctx.rank], problem, base, here, _hint(problem)))
-        return result(self.name, findings, "", f"{count}: structure differs across ranks")
+        differences = _differences(structures[0], mine) if ctx.rank else []
+        for tensor, problem, base, here in differences[:MAX_DIFFERENCES_PER_RANK]:
+            findings.append(Finding(tensor, [ctx.rank], problem, base, here, _hint(problem)))
+        listed = (
+            f" ({len(differences)} differences on rank {ctx.rank}, the first "
+            f"{MAX_DIFFERENCES_PER_RANK} listed)"
+            if len(differences) > MAX_DIFFERENCES_PER_RANK
+            else ""
+        )
+        return result(self.name, findings, "", f"{count}: structure differs across ranks{listed}")

@@ -22,7 +22,7 @@ import torch
 from smpcheck.checkpoint import Checkpoint
 from smpcheck.checks.base import CheckContext, describe_diff, result
 from smpcheck.checks.skeleton import skeleton
-from smpcheck.pieces import Piece
+from smpcheck.pieces import Piece, splits
 from smpcheck.report.model import CheckResult, Finding
 from smpcheck.tensors import named_tensors
 
@@ -53,7 +53,7 @@ def _kv_heads(config) -> int:
 
 def _tp_split(piece: Piece) -> tuple[int, int, int] | None:
     """(tensor dim, number of shards, this rank's index) of a 1-D-mesh sharded piece."""
-    shards = [(i, p) for i, p in enumerate(piece.placements) if p.is_shard()]
+    shards = [(i, p) for i, p in enumerate(piece.placements) if splits(p)]
     if len(shards) != 1 or piece.mesh.ndim != 1:
         return None
     mesh_dim, placement = shards[0]

@@ -1,0 +1,320 @@
+"""Fault injection: every fault class planted on real gloo groups is caught by the right check,
+naming the tensor and the rank; the same setups without the fault pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import smpcheck
+from reference_impl import load_on_rank0
+from tests.faults import SETUPS, build, param_names, plant, set_tied_param
+
+FAMILIES = ["llama-gqa-tied", "llama-gqa-untied", "mistral", "qwen2", "gpt-neox"]
+
+
+def verify_clean(path: str, setup: str) -> dict:
+    model, dense = build(path, setup)
+    report = smpcheck.verify(model, checkpoint=path, dense_model=dense)
+    return {
+        r.name: (r.status.value, r.message, [f.sentence() for f in r.findings])
+        for r in report.results
+    } | {"ok": report.ok}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_correct_setups_pass(ranks, checkpoints, family, setup) -> None:
+    if setup == "tp-fsdp2" and family != "llama-gqa-tied":
+        pytest.skip("TP x FSDP2 runs on 4 ranks: one family keeps the suite fast")
+    world = 4 if setup == "tp-fsdp2" else 2
+    reports = ranks(verify_clean, world, args=(str(checkpoints[family]), setup))
+    assert reports[0] == reports[-1], "every rank must hold the same report"
+    report = reports[0]
+    assert report["ok"], report
+    assert report["checkpoint_parity"][0] == "pass", report
+    assert report["initialised"][0] == "pass"
+    if setup.startswith("tp"):
+        assert report["tp_shards"][0] == "pass" and report["tp_numerics"][0] == "pass", report
+
+
+def verify_with_fault(
+    path: str,
+    setup: str,
+    tensor: str | None,
+    how: str,
+    bad_rank: int,
+    checks: list[str] | None = None,
+) -> dict:
+    model, dense = build(path, setup)
+    target = None
+    if dist.get_rank() == bad_rank:  # the tensors it holds data of: shards differ by rank
+        names = param_names(model)
+        target = tensor if tensor in names else names[int(tensor.lstrip("#")) % len(names)]
+        plant(model, target, how)
+    report = smpcheck.verify(model, checkpoint=path, dense_model=dense, checks=checks)
+    return {
+        "target": target,
+        "ok": report.ok,
+        "failed": {
+            r.name: [(f.tensor, f.ranks, f.severity) for f in r.errors]
+            for r in report.results
+            if r.status.value == "fail"
+        },
+        "summary": report.summary(),
+    }
+
+
+def _assert_named(out: dict, check: str, tensor: str, rank: int) -> None:
+    assert not out["ok"], out["summary"]
+    assert check in out["failed"], out["summary"]
+    assert any(tensor in name and rank in ranks for name, ranks, _ in out["failed"][check]), out[
+        "summary"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setup", "tensor", "how", "check"),
+    [
+        ("fsdp1", "model.layers.1.mlp.up_proj.weight", "bitflip", "checkpoint_parity"),
+        ("fsdp1-flat", "model.layers.0.mlp.down_proj.weight", "epsilon", "checkpoint_parity"),
+        ("fsdp2", "model.norm.weight", "garbage", "initialised"),
+        ("fsdp2", "model.layers.0.mlp.down_proj.weight", "nan", "initialised"),
+        ("tp", "model.layers.0.self_attn.k_proj.weight", "permute_rows", "tp_shards"),
+        ("tp", "model.layers.1.input_layernorm.weight", "bitflip", "rank_parity"),
+        ("tp", "model.layers.0.mlp.gate_proj.weight", "permute_rows", "tp_numerics"),
+        ("tp-fsdp2", "model.layers.1.self_attn.o_proj.weight", "bitflip", "checkpoint_parity"),
+    ],
+)
+def test_planted_value_fault_is_named(ranks, checkpoints, setup, tensor, how, check) -> None:
+    world = 4 if setup == "tp-fsdp2" else 2
+    path = str(checkpoints["llama-gqa-untied"])
+    bad_rank = world - 1
+    out = ranks(verify_with_fault, world, args=(path, setup, tensor, how, bad_rank))[bad_rank]
+    assert out["target"] == tensor
+    _assert_named(out, check, tensor, bad_rank)
+
+
+def rotary_garbage(path: str, setup: str) -> dict:
+    """The FastPLMs#47 case: inv_freq[0] small finite garbage on one rank."""
+    model, _ = build(path, setup)
+    if dist.get_rank() == 1:
+        rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
+        rotary.inv_freq[0] = 6.93e-18
+    report = smpcheck.verify(model, checkpoint=path)
+    return {
+        "ok": report.ok,
+        "failed": {
+            r.name: [(f.tensor, f.ranks) for f in r.errors]
+            for r in report.results
+            if r.status.value == "fail"
+        },
+    }
+
+
+@pytest.mark.parametrize("setup", ["fsdp1", "fsdp2", "tp"])
+def test_rotary_buffer_garbage_is_named(ranks, checkpoints, setup) -> None:
+    out = ranks(rotary_garbage, 2, args=(str(checkpoints["gpt-neox"]), setup))[1]
+    assert not out["ok"]
+    assert ("gpt_neox.rotary_emb.inv_freq", [1]) in out["failed"]["initialised"]
+
+
+def untie_on_rank1(path: str, setup: str) -> dict:
+    model, _ = build(path, setup)
+    inner = getattr(model, "module", model)
+    if dist.get_rank() == 1:
+        head = inner.lm_head.weight
+        set_tied_param(inner, "lm_head.weight", nn.Parameter(head.detach().clone()))
+    report = smpcheck.verify(model, checkpoint=path, checks=["initialised"])
+    return {"ok": report.ok, "findings": [(f.tensor, f.ranks) for f in report.results[0].errors]}
+
+
+@pytest.mark.parametrize("setup", ["fsdp2", "tp"])
+def test_tie_that_came_apart_is_named_even_with_equal_values(ranks, checkpoints, setup) -> None:
+    out = ranks(untie_on_rank1, 2, args=(str(checkpoints["llama-gqa-tied"]), setup))[0]
+    assert not out["ok"]
+    assert out["findings"] == [("lm_head.weight = model.embed_tokens.weight", [1])]
+
+
+def meta_left_behind(path: str) -> dict:
+    model = load_on_rank0(path)  # no wrapping: non-zero ranks stay on meta
+    report = smpcheck.verify(model, checkpoint=path, checks=["initialised"])
+    return {
+        "ok": report.ok,
+        "tensors": {f.tensor for f in report.results[0].errors},
+        "ranks": {r for f in report.results[0].errors for r in f.ranks},
+    }
+
+
+def test_tensors_left_on_meta_are_named(ranks, checkpoints) -> None:
+    out = ranks(meta_left_behind, 2, args=(str(checkpoints["qwen2"]),))[0]
+    assert not out["ok"] and out["ranks"] == {1}
+    assert "model.layers.0.self_attn.q_proj.bias" in out["tensors"]
+
+
+def diverged_ranks(path: str) -> dict:
+    """No sync_module_states: every rank initialises its own model with its own seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(dist.get_rank())
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    report = smpcheck.verify(model, checks=["rank_parity"])
+    result = report.results[0]
+    return {
+        "status": result.status.value,
+        "n": len(result.errors),
+        "ranks": {r for f in result.errors for r in f.ranks},
+        "message": result.message,
+    }
+
+
+def test_ranks_that_diverged_are_named(ranks, checkpoints) -> None:
+    out = ranks(diverged_ranks, 4, args=(str(checkpoints["mistral"]),))[0]
+    assert out["status"] == "fail" and out["ranks"] == {1, 2, 3}
+    assert out["n"] >= 10, out
+
+
+def preflight_with(path: str, fault: str) -> str:
+    model = load_on_rank0(path)
+    if dist.get_rank() == 1 and fault == "untied":
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))
+    if dist.get_rank() == 1 and fault == "dtype":
+        model.to(torch.bfloat16)
+    try:
+        smpcheck.preflight(model)
+    except smpcheck.PreflightError as exc:
+        return str(exc)
+    return "passed"
+
+
+@pytest.mark.parametrize(
+    ("fault", "sentence"),
+    [
+        (
+            "untied",
+            "lm_head.weight = model.embed_tokens.weight (rank 1): tied on rank 0, not tied here",
+        ),
+        (
+            "dtype",
+            "model.embed_tokens.weight (rank 1): dtype differs [expected float32, seen bfloat16]",
+        ),
+        ("none", "passed"),
+    ],
+)
+def test_preflight_names_structure_differences(ranks, checkpoints, fault, sentence) -> None:
+    texts = ranks(preflight_with, 2, args=(str(checkpoints["llama-gqa-tied"]), fault))
+    assert texts[0] == texts[1]
+    assert sentence in texts[0]
+
+
+def phi3_packed(path: str, correct: bool) -> dict:
+    """Fused [q|k|v] and [gate|up] weights split as one block (wrong) or per block (right)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mesh = init_device_mesh("cpu", (2,))
+    plan = {
+        "model.layers.*.self_attn.qkv_proj": ColwiseParallel(),
+        "model.layers.*.mlp.gate_up_proj": ColwiseParallel(),
+    }
+    parallelize_module(model, mesh, plan)
+    if correct:
+        from smpcheck.checks.tp import PACKED_LAYOUTS, _blockwise
+
+        rank = dist.get_rank()
+        for name, param in model.named_parameters():
+            for pattern, sizes in PACKED_LAYOUTS.items():
+                import re
+
+                if re.search(pattern, name):
+                    block = _blockwise(full[name], sizes(model.config), 2, rank)
+                    param.to_local().detach().copy_(block)
+    report = smpcheck.verify(model, checkpoint=path, checks=["tp_shards", "checkpoint_parity"])
+    return {
+        r.name: (r.status.value, [(f.tensor, f.hint) for f in r.errors]) for r in report.results
+    }
+
+
+@pytest.fixture(scope="module")
+def phi3_checkpoint(tmp_path_factory):
+    import transformers as T
+
+    from tests.models import write_checkpoint
+
+    config = T.Phi3Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return write_checkpoint(config, tmp_path_factory.mktemp("phi3") / "phi3")
+
+
+def test_packed_qkv_split_as_one_block_is_caught(ranks, phi3_checkpoint) -> None:
+    out = ranks(phi3_packed, 2, args=(str(phi3_checkpoint), False))[1]
+    status, findings = out["tp_shards"]
+    assert status == "fail"
+    names = {n for n, _ in findings}
+    assert names == {
+        "model.layers.0.self_attn.qkv_proj.weight",
+        "model.layers.0.mlp.gate_up_proj.weight",
+    }
+    assert all("split as one block" in hint for _, hint in findings)
+    assert ranks(phi3_packed, 2, args=(str(phi3_checkpoint), True))[1] == {
+        "tp_shards": ("pass", []),
+        "checkpoint_parity": ("pass", []),
+    }
+
+
+def hf_tp_plan(path: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+    dense = load_on_rank0(path, rank=0)
+    report = smpcheck.verify(model, checkpoint=path, dense_model=dense)
+    return {r.name: r.status.value for r in report.results}
+
+
+def test_transformers_own_tp_plan_is_judged(ranks, checkpoints) -> None:
+    statuses = ranks(hf_tp_plan, 2, args=(str(checkpoints["llama-gqa-untied"]),))[0]
+    assert statuses == {
+        "preflight": "pass",
+        "initialised": "pass",
+        "rank_parity": "pass",
+        "checkpoint_parity": "pass",
+        "tp_shards": "pass",
+        "tp_numerics": "pass",
+    }
+
+
+corruptions = st.sampled_from(["bitflip", "epsilon", "permute_rows", "garbage", "nan"])
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    setup=st.sampled_from(["fsdp1", "fsdp2", "tp"]),
+    how=corruptions,
+    which=st.integers(0, 10_000),
+    bad_rank=st.integers(0, 1),
+)
+def test_hypothesis_random_faults_are_all_found(
+    ranks, checkpoints, setup, how, which, bad_rank
+) -> None:
+    path = str(checkpoints["llama-gqa-untied"])
+    out = ranks(verify_with_fault, 2, args=(path, setup, f"#{which}", how, bad_rank))[bad_rank]
+    assert not out["ok"], out["summary"]
+    found = [(name, r) for findings in out["failed"].values() for name, r, _ in findings]
+    assert any(out["target"] in name and bad_rank in r for name, r in found), out["summary"]

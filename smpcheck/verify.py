@@ -15,6 +15,7 @@ from torch import nn
 
 from smpcheck.checks import ALL_CHECKS, CheckContext
 from smpcheck.checks.base import gather_result, run_check
+from smpcheck.memory import Bound, MemoryRecord
 from smpcheck.report.model import Report
 
 
@@ -48,6 +49,8 @@ def verify(
     dense_model: nn.Module | None = None,
     process_group: Any = None,
     checks: Iterable[str] | None = None,
+    memory: tuple[MemoryRecord, Bound] | None = None,
+    environment_extra: dict[str, Any] | None = None,
 ) -> Report:
     """Check a wrapped model on every rank and return the same :class:`Report` everywhere.
 
@@ -61,7 +64,9 @@ def verify(
         dense_model: an unsharded reference model, for TP shards and numerics.
         process_group: the group to check across (default: the world).
         checks: names to run (default: all): preflight, initialised, rank_parity,
-            checkpoint_parity, tp_shards, tp_numerics.
+            checkpoint_parity, tp_shards, tp_numerics, memory.
+        memory: this rank's monitor record and bound, for the memory check and the report.
+        environment_extra: more facts for the report's environment (strategy, TP degree).
 
     Returns:
         The report; ``report.ok`` is False when any check failed or errored.
@@ -74,9 +79,19 @@ def verify(
     unknown = [n for n in names if n not in ALL_CHECKS]
     if unknown:
         raise ValueError(f"unknown checks {unknown}; known: {list(ALL_CHECKS)}")
-    ctx = CheckContext(model, Path(checkpoint) if checkpoint else None, dense_model, process_group)
+    ctx = CheckContext(
+        model,
+        Path(checkpoint) if checkpoint else None,
+        dense_model,
+        process_group,
+        {"memory": memory} if memory else {},
+    )
     results = [gather_result(ctx, run_check(ALL_CHECKS[n](), ctx)) for n in names]
-    return Report(results, environment(ctx))
+    gathered = ctx.options.get("memory_gathered", [])
+    memory_data = {"ranks": [r for r, _ in gathered], "bounds": [b for _, b in gathered]}
+    return Report(
+        results, {**environment(ctx), **(environment_extra or {})}, memory_data if gathered else {}
+    )
 
 
 def preflight(model: nn.Module, process_group: Any = None, *, strict: bool = True) -> Report:

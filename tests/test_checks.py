@@ -318,3 +318,25 @@ def test_hypothesis_random_faults_are_all_found(
     assert not out["ok"], out["summary"]
     found = [(name, r) for findings in out["failed"].values() for name, r, _ in findings]
     assert any(out["target"] in name and bad_rank in r for name, r in found), out["summary"]
+
+
+def accelerate_prepared(path: str, plant_on_rank1: bool) -> dict:
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    model = Accelerator(cpu=True).prepare(AutoModelForCausalLM.from_pretrained(path))
+    if plant_on_rank1 and dist.get_rank() == 1:
+        plant(model.module, "model.layers.1.mlp.up_proj.weight", "bitflip")
+    report = smpcheck.verify(model, checkpoint=path)
+    return {"wrapper": type(model).__name__, "ok": report.ok,
+            "failed": {r.name: [(f.tensor, f.ranks) for f in r.errors]
+                       for r in report.results if r.status.value == "fail"}}
+
+
+def test_accelerate_prepared_model_is_judged(ranks, checkpoints) -> None:
+    path = str(checkpoints["llama-gqa-tied"])
+    clean = ranks(accelerate_prepared, 2, args=(path, False))[0]
+    assert clean == {"wrapper": "DistributedDataParallel", "ok": True, "failed": {}}
+    planted = ranks(accelerate_prepared, 2, args=(path, True))[0]
+    assert planted["failed"]["rank_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]
+    assert planted["failed"]["checkpoint_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]

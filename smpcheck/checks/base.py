@@ -35,6 +35,12 @@ class CheckContext:
     process_group: Any = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # DDP (what accelerate's prepare returns on CPU/GPU without FSDP) holds an unsharded
+        # replica: judge the module inside, under its own names.
+        while type(self.model).__name__ == "DistributedDataParallel":
+            self.model = self.model.module
+
     @property
     def rank(self) -> int:
         return dist.get_rank(self.process_group) if dist.is_initialized() else 0

@@ -87,13 +87,23 @@ class Report:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for r in data["results"]:
+            r["status"] = Status(r["status"]).value
+        return data
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=str)
         if path is not None:
             Path(path).write_text(text)
         return text
+
+    def write_html(self, path: str | Path) -> Path:
+        """Write the self-contained HTML report (no network request of any kind)."""
+        from smpcheck.report.writers import render_html
+
+        Path(path).write_text(render_html(self))
+        return Path(path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:

@@ -1,0 +1,267 @@
+"""Per-rank host (and GPU) memory, sampled in the background, with phase marks and a bound.
+
+What is measured, and why each figure:
+
+* ``RssAnon`` (``/proc/self/status``): anonymous resident memory, what the OOM killer sees.
+  Sampled every ``interval`` seconds by a daemon thread (reading one small proc file).
+* ``RssFile``: file-backed resident pages, i.e. memory-mapped safetensors. transformers 5 maps
+  checkpoints, and the page cache is shared between ranks: it is reported, not bounded.
+* ``VmHWM``: the kernel's own peak resident set (anon + file + shmem). It is reset at the
+  start of every phase (``/proc/self/clear_refs`` with ``5``), so each phase has an exact
+  peak that no sampling interval can miss; when it exceeds every sample, the phase had a
+  spike shorter than the interval, and the report says so.
+* PSS/USS (``psutil.memory_full_info``, which reads ``smaps``: costly, so once per phase end)
+  and ``ru_maxrss`` (the process's lifetime peak), node ``MemAvailable``, and
+  ``torch.cuda.max_memory_allocated`` per phase when a CUDA device is in use.
+
+The bound for a rank comes from the model: parameter count x bytes per element, times the
+fraction of the model this rank must hold under the strategy, times a stated allowance for
+transient copies, plus this rank's measured baseline (before loading).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+
+_KB = 1024
+
+
+def read_status() -> dict[str, int]:
+    """RssAnon, RssFile, RssShmem and VmHWM of this process, in bytes."""
+    out = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem", "VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0]) * _KB
+    return out
+
+
+def reset_kernel_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def node_available() -> int:
+    return psutil.virtual_memory().available
+
+
+@dataclass
+class Phase:
+    """One marked phase: when, and the peaks seen in it (bytes)."""
+
+    name: str
+    start: float
+    end: float = 0.0
+    peak_anon: int = 0  # sampled
+    peak_file: int = 0  # sampled
+    peak_rss_sampled: int = 0
+    kernel_peak_rss: int = 0  # VmHWM since the phase began (exact)
+    uss: int = 0
+    pss: int = 0
+    cuda_peak: int = 0
+    spike_missed_by_sampling: bool = False
+
+
+@dataclass
+class MemoryRecord:
+    """What one rank's monitor saw: samples (t, anon, file), phases, baseline and peaks."""
+
+    rank: int
+    host: str
+    interval: float
+    baseline_anon: int
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
+    ru_maxrss: int = 0
+    node_available_min: int = 0
+    kernel_peak_resets: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryRecord:
+        phases = [Phase(**p) for p in data.get("phases", [])]
+        samples = [tuple(s) for s in data.get("samples", [])]
+        return cls(**{**data, "phases": phases, "samples": samples})
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def peak_anon(self) -> int:
+        return max((p.peak_anon for p in self.phases), default=self.baseline_anon)
+
+
+class MemoryMonitor:
+    """Sample this rank's memory in a background thread and mark phases.
+
+    Example:
+        >>> with MemoryMonitor(rank=0) as mon:  # doctest: +SKIP
+        ...     with mon.phase("load"):
+        ...         model = load_on_rank0(path)
+        >>> mon.record.phase("load").peak_anon
+    """
+
+    def __init__(self, rank: int = 0, interval: float = 0.005, cuda: bool = False) -> None:
+        self.interval = interval
+        self.cuda = cuda
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._current: Phase | None = None
+        self._thread = threading.Thread(
+            target=self._sample_forever, name="smpcheck-memory", daemon=True
+        )
+        self._t0 = time.monotonic()
+        self.record = MemoryRecord(
+            rank=rank,
+            host=os.uname().nodename,
+            interval=interval,
+            baseline_anon=read_status()["RssAnon"],
+            node_available_min=node_available(),
+        )
+
+    def __enter__(self) -> MemoryMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.record.ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _KB
+
+    def _sample(self) -> None:
+        status = read_status()
+        now = time.monotonic() - self._t0
+        with self._lock:
+            self.record.samples.append((round(now, 4), status["RssAnon"], status["RssFile"]))
+            phase = self._current
+            if phase is not None:
+                phase.peak_anon = max(phase.peak_anon, status["RssAnon"])
+                phase.peak_file = max(phase.peak_file, status["RssFile"])
+                phase.peak_rss_sampled = max(phase.peak_rss_sampled, status["VmRSS"])
+
+    def _sample_forever(self) -> None:
+        ticks = 0
+        while not self._stop.is_set():
+            self._sample()
+            ticks += 1
+            if ticks % 200 == 0:
+                self.record.node_available_min = min(
+                    self.record.node_available_min, node_available()
+                )
+            self._stop.wait(self.interval)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[Phase]:
+        """Mark a phase; its peaks are recorded when it ends."""
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self.record.kernel_peak_resets &= reset_kernel_peak()
+        phase = Phase(name, start=round(time.monotonic() - self._t0, 4))
+        with self._lock:
+            self._current = phase
+            self.record.phases.append(phase)
+        self._sample()
+        try:
+            yield phase
+        finally:
+            self._sample()
+            status = read_status()
+            info = psutil.Process().memory_full_info()
+            with self._lock:
+                self._current = None
+                phase.end = round(time.monotonic() - self._t0, 4)
+                phase.kernel_peak_rss = status["VmHWM"]
+                phase.uss, phase.pss = info.uss, getattr(info, "pss", 0)
+                phase.spike_missed_by_sampling = (
+                    phase.kernel_peak_rss > phase.peak_rss_sampled * 1.05 + 8 * 2**20
+                )
+            if self.cuda:
+                import torch
+
+                phase.cuda_peak = torch.cuda.max_memory_allocated()
+
+
+# Fraction of the model's bytes a rank must hold at its peak, by strategy: (rank 0, others).
+# "shard" is 1 / the number of ranks the weights are split over.
+def _holds(strategy: str, shard: float, largest: float) -> tuple[float, float]:
+    table = {
+        "smp": (1.0 + shard + largest, shard + largest),  # full model + its shard; FSDP1
+        "fsdp2": (1.0 + shard, shard),  # flattens one unit at a time
+        "naive": (1.0 + shard, 1.0 + shard),  # every rank loads everything
+        "streaming": (shard + largest, shard),  # one tensor in flight on rank 0
+        "tp_plan": (shard + largest, shard + largest),
+    }
+    if strategy not in table:
+        raise ValueError(f"no memory bound for strategy {strategy!r}; known: {sorted(table)}")
+    return table[strategy]
+
+
+@dataclass
+class Bound:
+    """The most anonymous memory a rank may use, and how that number was derived."""
+
+    rank: int
+    limit: int
+    baseline: int
+    model_bytes: int
+    share: float
+    allowance: float
+    slack: int
+    derivation: str
+
+
+def memory_bound(
+    *,
+    rank: int,
+    baseline: int,
+    model_bytes: int,
+    largest_tensor_bytes: int,
+    strategy: str,
+    world_size: int,
+    tp_size: int = 1,
+    allowance: float = 1.5,
+    slack: int = 64 * 2**20,
+) -> Bound:
+    """Bound for one rank: baseline + allowance x (share of the model it must hold).
+
+    Args:
+        rank: the rank the bound is for.
+        baseline: its anonymous RSS before loading (the process with torch imported).
+        model_bytes: parameter count x bytes per element.
+        largest_tensor_bytes: the biggest single tensor (one FSDP unit / one in flight).
+        strategy: smp, fsdp2, naive, streaming or tp_plan.
+        world_size, tp_size: weights are split over ``world_size`` ranks (TP x data parallel
+            sharding), or over ``tp_size`` when nothing else shards them.
+        allowance: factor for transient copies (dtype casts, flattening, send buffers).
+        slack: fixed bytes for what grows with any run (allocator arenas, lazily imported
+            modules, communication buffers), whatever the model's size.
+    """
+    shard = 1.0 / (world_size if strategy != "tp_plan" else tp_size)
+    largest = largest_tensor_bytes / model_bytes if model_bytes else 0.0
+    share = _holds(strategy, shard, largest)[0 if rank == 0 else 1]
+    limit = int(baseline + slack + allowance * share * model_bytes)
+    mib = 2**20
+    derivation = (f"baseline {baseline / mib:.0f} MiB + slack {slack / mib:.0f} MiB + "
+                  f"{allowance:g} x {share:.3f} x model {model_bytes / mib:.1f} MiB "
+                  f"({strategy}: rank {rank} holds {share:.3f} of the model at its peak; "
+                  f"world {world_size}, tp {tp_size})")
+    return Bound(rank, limit, baseline, model_bytes, share, allowance, slack, derivation)

@@ -82,6 +82,19 @@ def _refuse_tied_dtensors(model: nn.Module) -> None:
             )
 
 
+def _refuse_single_rank_dtensors(model: nn.Module, mesh: DeviceMesh | None,
+                                 group: dist.ProcessGroup | None) -> None:
+    """FSDP1 over a one-rank data-parallel group with TP (DTensor) parameters mis-flattens
+    them (measured: forward fails with "Cannot writeback when the parameter shape changes").
+    With one replica there is nothing to shard: apply TP alone."""
+    size = mesh.size() if mesh is not None else dist.get_world_size(group)
+    if size == 1 and any(hasattr(p, "placements") for p in model.parameters()):
+        raise NotImplementedError(
+            "FSDP1 over a single-rank data-parallel group cannot wrap tensor-parallel "
+            "(DTensor) parameters; with tp == world size there is nothing left to shard, so "
+            "use the TP model as it is (or FSDP2)")
+
+
 def apply_fsdp1(
     model: nn.Module,
     *,
@@ -111,6 +124,7 @@ def apply_fsdp1(
         ParamInitError: a tensor on a non-zero rank was not initialised (from the validator).
     """
     _refuse_tied_dtensors(model)
+    _refuse_single_rank_dtensors(model, device_mesh, process_group)
     device = torch.device(device)
     group = device_mesh.get_group() if device_mesh is not None else process_group
     validate = initer.validate_params_and_buffers_inited() if initer else nullcontext()

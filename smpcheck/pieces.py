@@ -48,29 +48,28 @@ class Piece:
 
     def where(self) -> str:
         """Human words for which part this is."""
-        if self.kind == "dtensor":
-            shards = [
-                f"{p} at mesh coord {c}"
-                for p, c in zip(self.placements, self.mesh.get_coordinate())
-                if splits(p)
-            ]
-            return "local shard " + (", ".join(shards) or "(replicated)")
-        if self.kind == "flat":
-            return f"FSDP1 flat elements [{self.flat_range[0]}:{self.flat_range[1]})"
-        return "whole tensor"
+        words = []
+        if self.placements:
+            shards = [f"{p} at mesh coord {c}" for p, c in
+                      zip(self.placements, self.mesh.get_coordinate()) if splits(p)]
+            words.append("local shard " + (", ".join(shards) or "(replicated)"))
+        if self.flat_range is not None:
+            words.append(f"FSDP1 flat elements [{self.flat_range[0]}:{self.flat_range[1]})")
+        return " of ".join(reversed(words)) or "whole tensor"
 
     def expected_from(self, full: torch.Tensor) -> torch.Tensor:
-        """The part of ``full`` (the whole expected tensor) this piece should equal."""
-        if self.kind == "dtensor":
+        """The part of ``full`` (the whole expected tensor) this piece should equal: its
+        DTensor shard (cut by DTensor's own placement logic, no communication), then its
+        FSDP1 flat range, as applicable."""
+        part = full
+        if self.placements:
             from torch.distributed.tensor import distribute_tensor
 
-            full = full.to(self.data.device)
-            return distribute_tensor(
-                full, self.mesh, self.placements, src_data_rank=None
-            ).to_local()
-        if self.kind == "flat":
-            return full.reshape(-1)[self.flat_range[0] : self.flat_range[1]]
-        return full
+            part = distribute_tensor(full.to(self.data.device), self.mesh, self.placements,
+                                     src_data_rank=None).to_local()
+        if self.flat_range is not None:
+            part = part.reshape(-1)[self.flat_range[0]:self.flat_range[1]]
+        return part
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -97,18 +96,23 @@ def _fsdp1_handles(model: nn.Module) -> list[tuple[str, Any]]:
 
 
 def _flat_pieces(prefix: str, handle: Any) -> Iterator[Piece]:
+    """FSDP1's flat shard, cut back into per-parameter ranges. A parameter that was a DTensor
+    (TP before FSDP1) is flattened from its local TP shard: its placements come along."""
     flat = handle.flat_param
     local = flat.detach()
-    for fqn, info in zip(flat._fqns, flat._shard_param_infos):
+    extensions = getattr(flat, "_param_extensions", None) or [None] * len(flat._fqns)
+    for fqn, info, spec in zip(flat._fqns, flat._shard_param_infos, extensions):
         if not info.in_shard:
             continue
         start, numel = info.intra_param_start_idx, info.numel_in_shard
+        mesh, placements = getattr(spec, "mesh", None), tuple(getattr(spec, "placements", ()))
+        coords = mesh.get_coordinate() if mesh is not None else ()
         yield Piece(
             name=_join(prefix, fqn),
-            data=local[info.offset_in_shard : info.offset_in_shard + numel],
-            is_param=True,
-            kind="flat",
+            data=local[info.offset_in_shard:info.offset_in_shard + numel],
+            is_param=True, kind="flat", mesh=mesh, placements=placements,
             flat_range=(start, start + numel),
+            shard_coords=tuple((d, coords[d]) for d, p in enumerate(placements) if splits(p)),
         )
 
 

@@ -295,6 +295,7 @@ def test_transformers_own_tp_plan_is_judged(ranks, checkpoints) -> None:
         "checkpoint_parity": "pass",
         "tp_shards": "pass",
         "tp_numerics": "pass",
+        "memory": "skip",
     }
 
 

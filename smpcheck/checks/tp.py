@@ -114,7 +114,7 @@ class TPShards:
     name = "tp_shards"
 
     def run(self, ctx: CheckContext) -> CheckResult:
-        pieces = [p for p in ctx.pieces() if p.kind == "dtensor" and p.shard_coords]
+        pieces = [p for p in ctx.pieces() if p.shard_coords]
         if not pieces:
             return result(
                 self.name,

@@ -1,0 +1,196 @@
+"""``smpcheck run | report | env``: exit 0 when every check passed, 1 when one failed (or a rank
+timed out), 2 on bad usage or input (one sentence, no traceback).
+
+    smpcheck run                                  # built-in demo model, 2 local ranks
+    smpcheck run /ckpt/llama --nproc-per-node 4 --tp 2 --strategy fsdp2
+    torchrun --nnodes 2 --nproc-per-node 8 -m smpcheck run /ckpt/llama --tp 8
+    srun -N 2 --ntasks-per-node 8 smpcheck run /ckpt/llama --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from smpcheck.source import UsageError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smpcheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="load, [transform], wrap and check a model on N ranks")
+    run.add_argument("model", nargs="?", help="checkpoint directory or cached hub id "
+                     "(default: the built-in demo model)")
+    run.add_argument("--nproc-per-node", type=int, default=2,
+                     help="ranks to launch when started bare (default 2)")
+    run.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    run.add_argument("--strategy", default="smp",
+                     help="smp (default), fsdp2, naive, tp_plan or sagemaker")
+    run.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    run.add_argument("--dtype", choices=DTYPES, default=None,
+                     help="load in this dtype (default: the checkpoint's)")
+    run.add_argument("--report-dir", default="reports", help="where reports go (default reports/)")
+    run.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds before every rank prints its stack and stops (default 600)")
+    run.add_argument("--rendezvous-timeout", type=float, default=60.0,
+                     help="seconds to reach MASTER_ADDR:MASTER_PORT (default 60)")
+    run.add_argument("--oversubscribe", action="store_true",
+                     help="allow more CPU ranks than cores")
+    report = sub.add_parser("report", help="rebuild the HTML report from its JSON twin")
+    report.add_argument("json", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="HTML path (default: beside it)")
+    sub.add_parser("env", help="print what matters for a bug report")
+    return parser
+
+
+def _options(args: argparse.Namespace, world: int):
+    """Validate everything that can be validated before any process group exists."""
+    import torch
+    from transformers import AutoConfig
+
+    from reference_impl.tp_plans import TPConfigError, check_tp_config
+    from smpcheck.source import resolve
+    from smpcheck.strategies import STRATEGIES, RunOptions
+
+    if args.strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {args.strategy!r}; choose one of "
+                         f"{', '.join(STRATEGIES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA device here")
+    source = resolve(args.model)
+    tp = world if args.strategy == "tp_plan" and args.tp == 1 else args.tp
+    if args.strategy == "tp_plan" and tp != world:
+        raise UsageError(f"--strategy tp_plan shards over the whole world ({world} ranks); "
+                         f"drop --tp or pass --tp {world}")
+    if tp > 1:
+        try:
+            check_tp_config(AutoConfig.from_pretrained(source.path), tp, world)
+        except TPConfigError as exc:
+            raise UsageError(str(exc)) from exc
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return RunOptions(source=source, strategy=args.strategy, tp=tp, device=args.device,
+                      dtype=dtype)
+
+
+def _check_nproc(args: argparse.Namespace) -> None:
+    n = args.nproc_per_node
+    if n < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {n}")
+    if args.device == "cuda":
+        import torch
+
+        if n > torch.cuda.device_count():
+            raise UsageError(f"--nproc-per-node {n} needs {n} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
+    elif n > (os.cpu_count() or 1) and not args.oversubscribe:
+        raise UsageError(f"--nproc-per-node {n} is more than this machine's {os.cpu_count()} "
+                         "CPU cores (pass --oversubscribe to run them anyway)")
+
+
+def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: float) -> int:
+    """One rank: watchdog, process group, the job. Module level: spawned ranks import it."""
+    import torch.distributed as dist
+
+    from smpcheck.job import run_job
+    from smpcheck.launch import arm_watchdog, init_from_env
+
+    arm_watchdog(timeout)
+    init_from_env(opts.device, rdzv_timeout)
+    try:
+        return run_job(opts, report_dir, stem)
+    finally:
+        dist.destroy_process_group()
+
+
+def _stem(opts) -> str:
+    return f"smpcheck-{opts.strategy}-tp{opts.tp}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from smpcheck.launch import TIMED_OUT, launcher_world, self_launch
+
+    world = launcher_world()
+    if world is not None:  # one rank of torchrun / srun
+        opts = _options(args, world)
+        return rank_entry(opts, args.report_dir, _stem(opts), args.timeout,
+                          args.rendezvous_timeout)
+    _check_nproc(args)
+    opts = _options(args, args.nproc_per_node)
+    stem = _stem(opts)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        codes = self_launch(args.nproc_per_node, rank_entry,
+                            (opts, args.report_dir, stem, args.timeout,
+                             args.rendezvous_timeout))
+    except ChildFailedError as exc:
+        failures = exc.failures
+        if any(f.exitcode == TIMED_OUT for f in failures.values()):
+            ranks = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
+            print(f"smpcheck: ranks {ranks} were still running after --timeout "
+                  f"{args.timeout:.0f} s and were stopped; each rank's stack is printed above",
+                  file=sys.stderr)
+            return 1
+        rank, failure = min(failures.items())
+        print(f"smpcheck: rank {rank} failed (exit code {failure.exitcode}): "
+              f"{failure.message or 'see its output above'}", file=sys.stderr)
+        return 1
+    return max(codes.values())
+
+
+def _report(args: argparse.Namespace) -> int:
+    from smpcheck.report.model import Report
+
+    try:
+        report = Report.from_json(args.json)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{args.json} is not a smpcheck JSON report: {exc}") from exc
+    out = report.write_html(args.out or args.json.with_suffix(".html"))
+    print(out)
+    return 0 if report.ok else 1
+
+
+def _env() -> int:
+    import platform
+
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    lines = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "backends": ", ".join(b for b in ("gloo", "nccl", "mpi", "ucc")
+                              if getattr(dist, f"is_{b}_available", lambda: False)()),
+        "cuda": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+                 if torch.cuda.is_available() else "none"),
+        "cpu cores": os.cpu_count(),
+    }
+    prefixes = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "SLURM_", "TORCHELASTIC_", "NCCL_", "CUDA_VISIBLE_DEVICES")
+    launcher = {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}
+    for key, value in {**lines, **launcher}.items():
+        print(f"{key:24} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "report":
+            return _report(args)
+        return _env()
+    except UsageError as exc:
+        print(f"smpcheck: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

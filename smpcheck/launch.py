@@ -1,0 +1,108 @@
+"""Become one rank of a job: under torchrun or SLURM srun from their environment, or by
+launching N local ranks with PyTorch's elastic launcher on a free port.
+
+Every rank arms a watchdog: at ``timeout`` it prints its own Python stack (all threads) and
+exits with 124, so a hang ends with every rank's traceback and no process left behind (the
+elastic agent reaps the rest; a SIGTERM from it also dumps the stack first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from smpcheck.source import UsageError
+
+TIMED_OUT = 124
+
+
+def launcher_world() -> int | None:
+    """World size set by torchrun or srun, or None when started bare."""
+    if os.environ.get("WORLD_SIZE") and os.environ.get("RANK"):
+        return int(os.environ["WORLD_SIZE"])
+    if os.environ.get("SLURM_PROCID") is not None and os.environ.get("SLURM_NTASKS"):
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def _slurm_env() -> None:
+    """Translate srun's variables into the ones ``init_process_group`` reads."""
+    if os.environ.get("RANK") or os.environ.get("SLURM_PROCID") is None:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                                   capture_output=True, text=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = nodes.split(",")[0]
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0"))
+                                             % 20000))
+
+
+def arm_watchdog(timeout: float) -> threading.Timer:
+    """At ``timeout`` seconds: print this rank's stack and exit with 124."""
+    rank = os.environ.get("RANK", "?")
+
+    def fire() -> None:
+        sys.stderr.write(f"[smpcheck] rank {rank}: still running after the {timeout:.0f} s "
+                         "timeout; its stack:\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(TIMED_OUT)
+
+    timer = threading.Timer(timeout, fire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
+    return timer
+
+
+def init_from_env(device: str, rendezvous_timeout: float) -> None:
+    """``init_process_group`` from the launcher's variables; an unreachable rendezvous becomes
+    a :class:`UsageError` sentence instead of a hang."""
+    _slurm_env()
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=rendezvous_timeout))
+    except Exception as exc:  # noqa: BLE001 - the store raises several types
+        raise UsageError(f"cannot reach the rendezvous at {address} within "
+                         f"{rendezvous_timeout:.0f} s ({type(exc).__name__}): check MASTER_ADDR "
+                         "and MASTER_PORT, and that rank 0 is running") from exc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def self_launch(nproc: int, entry: Callable[..., int], args: tuple) -> dict[int, Any]:
+    """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                          run_id=uuid.uuid4().hex[:8], max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn")
+    os.environ["SMPCHECK_SELF_LAUNCHED"] = "1"
+    return elastic_launch(config, entry)(*args)

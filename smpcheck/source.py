@@ -1,0 +1,48 @@
+"""Resolve what the user named into a local checkpoint directory, or say why not (offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from smpcheck.checkpoint import Checkpoint, CheckpointError
+from smpcheck.demo import demo_checkpoint
+
+
+class UsageError(ValueError):
+    """Bad input: the CLI prints the message as one sentence and exits 2."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checkpoint on local disk, and what the user called it."""
+
+    name: str
+    path: Path
+
+
+def resolve(model: str | None) -> ModelSource:
+    """A directory, a hub id in the local cache, or (None) the built-in demo model."""
+    if model is None:
+        return ModelSource("built-in demo (tiny Llama)", demo_checkpoint())
+    path = Path(model).expanduser()
+    if not path.exists():
+        path = _from_hub_cache(model)
+    if not (path / "config.json").exists():
+        raise UsageError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        Checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(f"the checkpoint of {model!r} cannot be read: {exc}") from exc
+    return ModelSource(model, path)
+
+
+def _from_hub_cache(model_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - not found, invalid id, or no cache at all
+        raise UsageError(
+            f"unknown model {model_id!r}: not a directory, and not in the local Hugging Face "
+            "cache (smpcheck runs offline; download it first or pass a path)") from exc

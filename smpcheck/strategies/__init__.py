@@ -1,0 +1,11 @@
+"""One module per way through load -> [transform] -> wrap. The CLI picks one by name."""
+
+from smpcheck.strategies.base import RunOptions, Strategy
+from smpcheck.strategies.external import SageMakerSMP, TransformersTPPlan
+from smpcheck.strategies.recipes import FSDP2FromRank0, Naive, SMPRecipe
+
+STRATEGIES: dict[str, type] = {
+    s.name: s for s in (SMPRecipe, FSDP2FromRank0, Naive, TransformersTPPlan, SageMakerSMP)
+}
+
+__all__ = ["STRATEGIES", "RunOptions", "Strategy"]

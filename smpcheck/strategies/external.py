@@ -1,0 +1,76 @@
+"""Strategies that run someone else's implementation: transformers' own ``tp_plan`` and real
+SMP (``torch.sagemaker``) where it is installed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from smpcheck.strategies.base import RunOptions, device_of, load_kwargs
+
+
+class TransformersTPPlan:
+    """``from_pretrained(..., tp_plan="auto")`` on every rank (TP over the whole world)."""
+
+    name = "tp_plan"
+    memory_strategy = "tp_plan"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def phases(self, opts: RunOptions) -> Iterator[str]:
+        from transformers import AutoConfig
+
+        from reference_impl.loading import model_class_for
+
+        cls = model_class_for(AutoConfig.from_pretrained(opts.source.path))
+        self.model = cls.from_pretrained(opts.source.path, tp_plan="auto", **load_kwargs(opts))
+        yield "load"
+
+
+class SageMakerSMP:
+    """The real SMP v2 library: ``torch.sagemaker.init`` + ``transform`` + FSDP recipe."""
+
+    name = "sagemaker"
+    memory_strategy = "smp"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+
+    def unavailable(self) -> str | None:
+        try:
+            import torch.sagemaker  # noqa: F401
+        except ImportError:
+            return ("torch.sagemaker (SMP v2) is not installed here: it ships in SageMaker's "
+                    "training containers; run --strategy smp for our reference of it")
+        return None
+
+    def phases(self, opts: RunOptions) -> Iterator[str]:  # pragma: no cover - needs SMP
+        from contextlib import nullcontext
+
+        import torch.distributed as dist
+        import torch.sagemaker as tsm
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.sagemaker.delayed_param import DelayedParamIniter
+
+        from reference_impl import load_on_rank0
+        from reference_impl.fsdp import block_classes
+
+        tsm.init({"tensor_parallel_degree": opts.tp})
+        self.model = load_on_rank0(opts.source.path, **load_kwargs(opts))
+        yield "load"
+        self.model = tsm.transform(self.model, load_state_dict_from_rank0=True)
+        yield "transform"
+        initer = DelayedParamIniter(self.model) if dist.get_rank() else None
+        with initer.validate_params_and_buffers_inited() if initer else nullcontext():
+            self.model = FSDP(
+                self.model, auto_wrap_policy=ModuleWrapPolicy(block_classes(self.model)),
+                device_id=device_of(opts).index, sync_module_states=True,
+                param_init_fn=initer.get_param_init_fn() if initer else None,
+                post_param_init_fn=initer.get_post_param_init_fn() if initer else None)
+        yield "wrap"

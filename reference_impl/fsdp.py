@@ -31,15 +31,17 @@ from smpcheck.tensors import tie_groups
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The repeated blocks to wrap (decoder layers): the model's ``_no_split_modules``."""
+    """The repeated blocks to wrap: the model's ``_no_split_modules`` (decoder layers), else
+    the element class of its longest ``nn.ModuleList`` (BERT's encoder layers, say)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    if not classes:
-        raise ValueError(
-            f"{type(model).__name__} declares no _no_split_modules; pass "
-            "block_classes= the decoder layer classes to wrap"
-        )
-    return classes
+    if classes:
+        return classes
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no _no_split_modules and no ModuleList "
+                         "of layers; pass blocks= the layer classes to wrap")
+    return {type(max(lists, key=len)[0])}
 
 
 @contextmanager

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from smpcheck.source import UsageError
 
@@ -92,14 +95,17 @@ def _check_nproc(args: argparse.Namespace) -> None:
                          "CPU cores (pass --oversubscribe to run them anyway)")
 
 
-def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: float) -> int:
-    """One rank: watchdog, process group, the job. Module level: spawned ranks import it."""
+@record  # a rank's exception reaches the launching process, which prints it as a sentence
+def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: float,
+               deadline: float | None = None) -> int:
+    """One rank: watchdog, process group, the job. Module level: spawned ranks import it.
+    ``deadline`` (wall clock) is shared by every self-launched rank, so all time out at once."""
     import torch.distributed as dist
 
     from smpcheck.job import run_job
     from smpcheck.launch import arm_watchdog, init_from_env
 
-    arm_watchdog(timeout)
+    arm_watchdog(deadline or time.time() + timeout, timeout)
     init_from_env(opts.device, rdzv_timeout)
     try:
         return run_job(opts, report_dir, stem)
@@ -127,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         codes = self_launch(args.nproc_per_node, rank_entry,
                             (opts, args.report_dir, stem, args.timeout,
-                             args.rendezvous_timeout))
+                             args.rendezvous_timeout, time.time() + args.timeout))
     except ChildFailedError as exc:
         failures = exc.failures
         if any(f.exitcode == TIMED_OUT for f in failures.values()):
@@ -136,7 +142,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{args.timeout:.0f} s and were stopped; each rank's stack is printed above",
                   file=sys.stderr)
             return 1
-        rank, failure = min(failures.items())
+        # The earliest failure is the cause; later ones (same second, too) are peers that
+        # lost their connection to it.
+        rank, failure = min(failures.items(), key=lambda item: (
+            item[1].timestamp, "remote worker" in str(item[1].message), item[0]))
         print(f"smpcheck: rank {rank} failed (exit code {failure.exitcode}): "
               f"{failure.message or 'see its output above'}", file=sys.stderr)
         return 1

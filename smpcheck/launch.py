@@ -15,9 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from smpcheck.source import UsageError
 
 TIMED_OUT = 124
+STACK_GRACE_S = 2.0  # after printing its stack, a timed-out rank waits for the others' stacks
 
 
 def launcher_world() -> int | None:
@@ -56,8 +60,9 @@ def _slurm_env() -> None:
                                              % 20000))
 
 
-def arm_watchdog(timeout: float) -> threading.Timer:
-    """At ``timeout`` seconds: print this rank's stack and exit with 124."""
+def arm_watchdog(deadline: float, timeout: float) -> threading.Timer:
+    """At wall-clock ``deadline`` (the same instant on every rank): print this rank's stack,
+    give the other ranks a moment to print theirs, and exit with 124."""
     rank = os.environ.get("RANK", "?")
 
     def fire() -> None:
@@ -65,13 +70,35 @@ def arm_watchdog(timeout: float) -> threading.Timer:
                          "timeout; its stack:\n")
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        time.sleep(STACK_GRACE_S)
         os._exit(TIMED_OUT)
 
-    timer = threading.Timer(timeout, fire)
+    timer = threading.Timer(max(0.0, deadline - time.time()), fire)
     timer.daemon = True
     timer.start()
     faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
     return timer
+
+
+@contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Hold back what C++ writes to fd 2 (c10d's socket retries print stack dumps); replay it
+    only if the block succeeds, so a failure is one sentence, not a wall of native frames."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            raise
+        else:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+        finally:
+            os.close(saved)
 
 
 def init_from_env(device: str, rendezvous_timeout: float) -> None:
@@ -83,7 +110,9 @@ def init_from_env(device: str, rendezvous_timeout: float) -> None:
     backend = "nccl" if device.startswith("cuda") else "gloo"
     address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=rendezvous_timeout))
+        with quiet_native_stderr():
+            dist.init_process_group(backend,
+                                    timeout=datetime.timedelta(seconds=rendezvous_timeout))
     except Exception as exc:  # noqa: BLE001 - the store raises several types
         raise UsageError(f"cannot reach the rendezvous at {address} within "
                          f"{rendezvous_timeout:.0f} s ({type(exc).__name__}): check MASTER_ADDR "

@@ -63,13 +63,23 @@ def digest_throughput(nbytes: int = 1 << 30) -> dict:
     """GB/s of each digest on one core over a tensor of ``nbytes``."""
     from smpcheck.digest import device_digest, host_digest
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # "per core" on the host side
     tensor = torch.randn(nbytes // 4)
     out = {}
-    for name, fn in (("xxh3_128 host", host_digest), ("torch-op digest (cpu)", device_digest)):
-        fn(tensor)
+    cases = [("xxh3_128 host", host_digest, tensor),
+             ("torch-op digest (cpu)", device_digest, tensor)]
+    if torch.cuda.is_available():
+        gpu = tensor.cuda()
+        cases += [("torch-op digest (cuda, on device)", device_digest, gpu),
+                  ("copy to host + xxh3_128", lambda t: host_digest(t.cpu()), gpu)]
+    for name, fn, data in cases:
+        fn(data)
+        if data.is_cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        fn(tensor)
+        fn(data)
+        if data.is_cuda:
+            torch.cuda.synchronize()
         out[name] = round(nbytes / (time.perf_counter() - start) / 1e9, 2)
     return out
 
@@ -82,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         size = write_model(Path(tmp) / "llama")
-        results = run_on_ranks(recipe_then_verify, args.nproc,
+        results = run_on_ranks(recipe_then_verify, args.nproc, device=args.device,
                                args=(str(Path(tmp) / "llama"), args.device), timeout=1800)
     summary = {
         "model_bytes": size, "nproc": args.nproc, "device": args.device,

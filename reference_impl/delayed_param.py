@@ -74,6 +74,16 @@ def swap_params_on_conversion() -> Iterator[None]:
         torch.__future__.set_swap_module_params_on_conversion(previous)
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A concrete device: ``cuda`` becomes ``cuda:<current>``, None the default device."""
+    if device is None:
+        return _default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -114,7 +124,7 @@ class DelayedParamIniter:
         self.model = model
         self.init_method_using_config = init_method_using_config
         self.verbose = verbose
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = resolve_device(device)
         if isinstance(model, PreTrainedModel):
             model.tie_weights()
         # Modules keep their identity through FSDP wrapping; tensors do not.

@@ -26,7 +26,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp import _init_utils as fsdp1_init_utils
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-from reference_impl.delayed_param import DelayedParamIniter, swap_params_on_conversion
+from reference_impl.delayed_param import (
+    DelayedParamIniter,
+    resolve_device,
+    swap_params_on_conversion,
+)
 from smpcheck.tensors import tie_groups
 
 
@@ -127,7 +131,7 @@ def apply_fsdp1(
     """
     _refuse_tied_dtensors(model)
     _refuse_single_rank_dtensors(model, device_mesh, process_group)
-    device = torch.device(device)
+    device = resolve_device(device)
     group = device_mesh.get_group() if device_mesh is not None else process_group
     validate = initer.validate_params_and_buffers_inited() if initer else nullcontext()
     cpu_shim = allow_cpu_sync_module_states(group) if device.type == "cpu" else nullcontext()
@@ -171,7 +175,7 @@ def apply_fsdp2(
     Returns:
         The same module, now an ``FSDPModule`` whose shards hold rank 0's values.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     rank = dist.get_rank()
     full_state = model.state_dict() if rank == 0 and load_from_rank0 else {}
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))

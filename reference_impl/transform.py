@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from reference_impl.delayed_param import swap_params_on_conversion
+from reference_impl.delayed_param import resolve_device, swap_params_on_conversion
 from reference_impl.tp_plans import TPConfigError, build_plan, check_tp_config
 from smpcheck.tensors import local_view, named_tensors, tie_groups
 
@@ -150,13 +150,7 @@ def transform(
             raised on every rank before any collective.
     """
     world = dist.get_world_size()
-    if device is None:
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
-    device = torch.device(device)
+    device = resolve_device(device)
     requested_tp = tp_size or (tp_submesh(device_mesh).size() if device_mesh else world)
     check_tp_config(model.config, requested_tp, world)
     device_mesh = device_mesh or build_mesh(device, requested_tp)

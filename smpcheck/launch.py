@@ -105,13 +105,16 @@ def init_from_env(device: str, rendezvous_timeout: float) -> None:
     """``init_process_group`` from the launcher's variables; an unreachable rendezvous becomes
     a :class:`UsageError` sentence instead of a hang."""
     _slurm_env()
+    extra = {}
     if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        extra["device_id"] = torch.device("cuda", local)  # binds NCCL to this GPU up front
     backend = "nccl" if device.startswith("cuda") else "gloo"
     address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     try:
         with quiet_native_stderr():
-            dist.init_process_group(backend,
+            dist.init_process_group(backend, **extra,
                                     timeout=datetime.timedelta(seconds=rendezvous_timeout))
     except Exception as exc:  # noqa: BLE001 - the store raises several types
         raise UsageError(f"cannot reach the rendezvous at {address} within "

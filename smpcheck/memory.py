@@ -70,6 +70,7 @@ class Phase:
     peak_anon: int = 0  # sampled
     peak_file: int = 0  # sampled
     peak_rss_sampled: int = 0
+    start_rss: int = 0  # VmRSS when the phase began (what VmHWM was reset to)
     kernel_peak_rss: int = 0  # VmHWM since the phase began (exact)
     uss: int = 0
     pss: int = 0
@@ -175,7 +176,8 @@ class MemoryMonitor:
 
             torch.cuda.reset_peak_memory_stats()
         self.record.kernel_peak_resets &= reset_kernel_peak()
-        phase = Phase(name, start=round(time.monotonic() - self._t0, 4))
+        phase = Phase(name, start=round(time.monotonic() - self._t0, 4),
+                      start_rss=read_status()["VmRSS"])
         with self._lock:
             self._current = phase
             self.record.phases.append(phase)
@@ -207,7 +209,7 @@ def _holds(strategy: str, shard: float, largest: float) -> tuple[float, float]:
         "smp": (1.0 + shard + largest, shard + largest),  # full model + its shard; FSDP1
         "fsdp2": (1.0 + shard, shard),  # flattens one unit at a time
         "naive": (1.0 + shard, 1.0 + shard),  # every rank loads everything
-        "streaming": (shard + largest, shard),  # one tensor in flight on rank 0
+        "streaming": (shard + 2 * largest, shard + largest),  # read + in flight
         "tp_plan": (shard + largest, shard + largest),
     }
     if strategy not in table:

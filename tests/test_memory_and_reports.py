@@ -37,7 +37,8 @@ def spike_on_rank1(hold_s: float) -> dict:
                 del block
             time.sleep(0.05)
     calm, spike = mon.record.phase("calm"), mon.record.phase("spike")
-    return {"sampled": spike.peak_anon - start_anon, "kernel": phase.kernel_peak_rss - start_anon,
+    return {"sampled": spike.peak_anon - start_anon,
+            "kernel": phase.kernel_peak_rss - phase.start_rss,
             "calm_growth": calm.peak_anon - mon.record.baseline_anon,
             "missed": spike.spike_missed_by_sampling, "resets": mon.record.kernel_peak_resets}
 

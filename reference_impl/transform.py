@@ -120,6 +120,18 @@ def _send_from_rank0(
             dist.broadcast(local, src=0)
 
 
+def apply_tp_plan(model: nn.Module, tp_mesh: DeviceMesh, *, communicate: bool) -> None:
+    """Shard ``model``'s planned Linear/Embedding weights on ``tp_mesh`` and keep ties.
+
+    With ``communicate=False`` no collective runs (``src_data_rank=None``): each rank keeps
+    the local slice of whatever it holds, real or meta; the caller fills the shards.
+    """
+    ties = [[name for name, _, _ in group] for group in tie_groups(model)]
+    extra = {} if communicate else {"src_data_rank": None}
+    parallelize_module(model, tp_mesh, build_plan(model).styles, **extra)
+    _retie(model, ties)
+
+
 def transform(
     model: nn.Module,
     *,
@@ -162,7 +174,6 @@ def transform(
         )
     if dtype is not None:
         _cast_parameters(model, dtype)
-    ties = [[name for name, _, _ in group] for group in tie_groups(model)]
     rank = dist.get_rank()
     # Detached aliases keep rank 0's data alive through to_empty's in-place swaps.
     full = (
@@ -172,10 +183,7 @@ def transform(
     )
     if not load_state_dict_from_rank0:
         model.to(device)
-    plan = build_plan(model)
-    extra = {"src_data_rank": None} if load_state_dict_from_rank0 else {}
-    parallelize_module(model, tp_mesh, plan.styles, **extra)
-    _retie(model, ties)
+    apply_tp_plan(model, tp_mesh, communicate=not load_state_dict_from_rank0)
     if load_state_dict_from_rank0:
         with swap_params_on_conversion():
             model.to_empty(device=device)

@@ -14,6 +14,7 @@ fused tensors are reported as not comparable one-to-one rather than silently ski
 from __future__ import annotations
 
 import json
+import math
 import re
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +23,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from smpcheck.memory import ModelSize
+
+_STORED_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                 "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_LAYER = re.compile(r"\.(layers|layer|h|blocks)\.\d+\.")
 
 
 class CheckpointError(ValueError):
@@ -135,3 +142,19 @@ class Checkpoint:
             return self._handle(self.files[key]).get_tensor(key)
         except Exception as exc:
             raise CheckpointError(f"cannot read {key} from {self.files[key]}: {exc}") from exc
+
+    def sizes(self, dtype: torch.dtype | None = None) -> ModelSize:
+        """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all
+        that is outside the layers), from the headers alone (as ``dtype`` when given)."""
+        units: dict[str, int] = {}
+        largest = 0
+        for key, file in self.files.items():
+            piece = self._handle(file).get_slice(key)
+            numel = math.prod(piece.get_shape())
+            nbytes = numel * (dtype.itemsize if dtype is not None else
+                              _STORED_BYTES.get(piece.get_dtype(), 4))
+            largest = max(largest, nbytes)
+            match = _LAYER.search(key)
+            unit = match.group(0) if match else "outside the layers"
+            units[unit] = units.get(unit, 0) + nbytes
+        return ModelSize(sum(units.values()), largest, max(units.values(), default=0))

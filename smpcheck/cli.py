@@ -44,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds to reach MASTER_ADDR:MASTER_PORT (default 60)")
     run.add_argument("--oversubscribe", action="store_true",
                      help="allow more CPU ranks than cores")
+    compare = sub.add_parser("compare", help="run several strategies in turn, one report "
+                             "side by side")
+    compare.add_argument("model", nargs="?", help="as for run (default: the demo model)")
+    compare.add_argument("--strategies", default="naive,smp,fsdp2,streaming",
+                         help="comma-separated (default naive,smp,fsdp2,streaming)")
+    for flag in ("--nproc-per-node", "--tp", "--device", "--dtype", "--report-dir", "--timeout",
+                 "--rendezvous-timeout", "--oversubscribe"):
+        action = next(a for a in run._actions if flag in a.option_strings)
+        compare._add_action(action)
     report = sub.add_parser("report", help="rebuild the HTML report from its JSON twin")
     report.add_argument("json", type=Path)
     report.add_argument("--out", type=Path, default=None, help="HTML path (default: beside it)")
@@ -113,8 +122,14 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
         dist.destroy_process_group()
 
 
-def _stem(opts) -> str:
-    return f"smpcheck-{opts.strategy}-tp{opts.tp}"
+def launcher_world_size() -> int | None:
+    from smpcheck.launch import launcher_world
+
+    return launcher_world()
+
+
+def _stem(strategy: str, tp: int) -> str:
+    return f"smpcheck-{strategy}-tp{tp}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -123,11 +138,11 @@ def _run(args: argparse.Namespace) -> int:
     world = launcher_world()
     if world is not None:  # one rank of torchrun / srun
         opts = _options(args, world)
-        return rank_entry(opts, args.report_dir, _stem(opts), args.timeout,
+        return rank_entry(opts, args.report_dir, _stem(opts.strategy, opts.tp), args.timeout,
                           args.rendezvous_timeout)
     _check_nproc(args)
     opts = _options(args, args.nproc_per_node)
-    stem = _stem(opts)
+    stem = _stem(opts.strategy, opts.tp)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
@@ -150,6 +165,30 @@ def _run(args: argparse.Namespace) -> int:
               f"{failure.message or 'see its output above'}", file=sys.stderr)
         return 1
     return max(codes.values())
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from smpcheck.report.compare import compare, text_table, write_comparison
+    from smpcheck.report.model import Report
+
+    if launcher_world_size() is not None:
+        raise UsageError("smpcheck compare launches its own ranks: start it bare, not under "
+                         "torchrun or srun")
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    reports, worst = {}, 0
+    for strategy in strategies:
+        print(f"[smpcheck] === strategy {strategy} ===", flush=True)
+        tp = args.nproc_per_node if strategy == "tp_plan" else args.tp
+        path = Path(args.report_dir) / f"{_stem(strategy, tp)}.json"
+        path.unlink(missing_ok=True)  # never compare against an earlier run's report
+        worst = max(worst, _run(argparse.Namespace(**{**vars(args), "strategy": strategy})))
+        if path.exists():
+            reports[strategy] = Report.from_json(path)
+    model = Path(args.model).name if args.model else "demo"
+    out = write_comparison(reports, args.report_dir, f"compare-{model}")
+    print(text_table(compare(reports)))
+    print(f"[smpcheck] comparison: {out}")
+    return worst
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -193,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "report":
             return _report(args)
         return _env()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from smpcheck.checkpoint import Checkpoint
 from smpcheck.memory import MemoryMonitor, memory_bound
 from smpcheck.report.model import Report
 from smpcheck.report.writers import write_reports
@@ -29,22 +29,6 @@ def say(message: str) -> None:
     """A progress line, from rank 0 only."""
     if dist.get_rank() == 0:
         print(f"[smpcheck] {message}", flush=True)
-
-
-def _model_bytes(path: Path, dtype: torch.dtype | None) -> tuple[int, int]:
-    """(all parameter bytes, largest tensor bytes) from the checkpoint's headers alone."""
-    from smpcheck.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(path)
-    sizes = []
-    for key, file in ckpt.files.items():
-        piece = ckpt._handle(file).get_slice(key)
-        numel = 1
-        for dim in piece.get_shape():
-            numel *= dim
-        stored = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8}.get(piece.get_dtype(), 4)
-        sizes.append(numel * (dtype.itemsize if dtype is not None else stored))
-    return sum(sizes), max(sizes, default=0)
 
 
 def _warm_up(cuda: bool) -> None:
@@ -101,14 +85,13 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
                             checks=["preflight", "initialised", "rank_parity",
                                     "checkpoint_parity", "tp_shards", "tp_numerics"])
             say(f"check     done in {time.perf_counter() - start:6.2f} s")
-    model_bytes, largest = _model_bytes(opts.source.path, opts.dtype)
-    bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon,
-                         model_bytes=model_bytes, largest_tensor_bytes=largest,
+    size = Checkpoint(opts.source.path).sizes(opts.dtype)
+    bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon, size=size,
                          strategy=strategy.memory_strategy, world_size=world, tp_size=opts.tp,
                          slack=CUDA_SLACK if cuda else CPU_SLACK)
     extra = {"strategy": opts.strategy, "tp_size": opts.tp, "model": opts.source.name,
              "model_path": str(opts.source.path), "device": opts.device,
-             "model_bytes": model_bytes, "created": datetime.datetime.now().isoformat(
+             "model_bytes": size.total, "created": datetime.datetime.now().isoformat(
                  timespec="seconds"), "launcher": _launcher()}
     memory = verify(model, checks=["memory"], memory=(monitor.record, bound))
     report = Report(report.results + memory.results, {**report.environment, **extra},
@@ -127,7 +110,7 @@ def _dense_model(opts: RunOptions):
         return None
     from reference_impl import load_on_rank0
 
-    if _model_bytes(opts.source.path, opts.dtype)[0] > DENSE_NUMERICS_LIMIT:
+    if Checkpoint(opts.source.path).sizes(opts.dtype).total > DENSE_NUMERICS_LIMIT:
         say("tp_numerics skipped: a dense copy on every rank would exceed 1 GiB")
         return None
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device.startswith(

@@ -202,15 +202,28 @@ class MemoryMonitor:
                 phase.cuda_peak = torch.cuda.max_memory_allocated()
 
 
-# Fraction of the model's bytes a rank must hold at its peak, by strategy: (rank 0, others).
-# "shard" is 1 / the number of ranks the weights are split over.
-def _holds(strategy: str, shard: float, largest: float) -> tuple[float, float]:
+@dataclass(frozen=True)
+class ModelSize:
+    """Bytes of the model's parameters, its largest tensor, and its largest FSDP unit (one
+    decoder layer, or everything outside the layers: embeddings, head and final norm)."""
+
+    total: int
+    largest_tensor: int
+    largest_unit: int
+
+
+# Fraction of the model a rank must hold at its peak, by strategy: (rank 0, other ranks).
+# ``shard`` is 1 / the ranks the weights are split over; ``tensor`` and ``unit`` the largest
+# tensor and FSDP unit as fractions of the model.
+def _holds(strategy: str, shard: float, tensor: float, unit: float) -> tuple[float, float]:
     table = {
-        "smp": (1.0 + shard + largest, shard + largest),  # full model + its shard; FSDP1
-        "fsdp2": (1.0 + shard, shard),  # flattens one unit at a time
+        # rank 0 holds the model; every rank materialises a whole unit, receives the broadcast
+        # of it (sync_module_states) and flattens it before keeping its shard
+        "smp": (1.0 + shard + 2 * unit, shard + 2 * unit),
+        "fsdp2": (1.0 + shard, shard + tensor),  # full state dict on rank 0; one in flight
         "naive": (1.0 + shard, 1.0 + shard),  # every rank loads everything
-        "streaming": (shard + 2 * largest, shard + largest),  # read + in flight
-        "tp_plan": (shard + largest, shard + largest),
+        "streaming": (shard + 2 * tensor, shard + tensor),  # one read + one in flight
+        "tp_plan": (shard + unit, shard + unit),
     }
     if strategy not in table:
         raise ValueError(f"no memory bound for strategy {strategy!r}; known: {sorted(table)}")
@@ -231,39 +244,33 @@ class Bound:
     derivation: str
 
 
-def memory_bound(
-    *,
-    rank: int,
-    baseline: int,
-    model_bytes: int,
-    largest_tensor_bytes: int,
-    strategy: str,
-    world_size: int,
-    tp_size: int = 1,
-    allowance: float = 1.5,
-    slack: int = 64 * 2**20,
-) -> Bound:
-    """Bound for one rank: baseline + allowance x (share of the model it must hold).
+def memory_bound(*, rank: int, baseline: int, size: ModelSize, strategy: str,
+                 world_size: int, tp_size: int = 1, allowance: float = 1.5,
+                 slack: int = 64 * 2**20) -> Bound:
+    """Bound for one rank: baseline + slack + allowance x (share of the model it must hold).
 
     Args:
         rank: the rank the bound is for.
-        baseline: its anonymous RSS before loading (the process with torch imported).
-        model_bytes: parameter count x bytes per element.
-        largest_tensor_bytes: the biggest single tensor (one FSDP unit / one in flight).
+        baseline: its anonymous RSS before loading (torch, the device and the communicator
+            initialised).
+        size: the model's parameter bytes, largest tensor and largest FSDP unit.
         strategy: smp, fsdp2, naive, streaming or tp_plan.
         world_size, tp_size: weights are split over ``world_size`` ranks (TP x data parallel
             sharding), or over ``tp_size`` when nothing else shards them.
-        allowance: factor for transient copies (dtype casts, flattening, send buffers).
+        allowance: factor for transient copies (dtype casts, send buffers).
         slack: fixed bytes for what grows with any run (allocator arenas, lazily imported
             modules, communication buffers), whatever the model's size.
     """
     shard = 1.0 / (world_size if strategy != "tp_plan" else tp_size)
-    largest = largest_tensor_bytes / model_bytes if model_bytes else 0.0
-    share = _holds(strategy, shard, largest)[0 if rank == 0 else 1]
-    limit = int(baseline + slack + allowance * share * model_bytes)
+    total = size.total or 1
+    share = _holds(strategy, shard, size.largest_tensor / total,
+                   size.largest_unit / total)[0 if rank == 0 else 1]
+    limit = int(baseline + slack + allowance * share * size.total)
     mib = 2**20
     derivation = (f"baseline {baseline / mib:.0f} MiB + slack {slack / mib:.0f} MiB + "
-                  f"{allowance:g} x {share:.3f} x model {model_bytes / mib:.1f} MiB "
+                  f"{allowance:g} x {share:.3f} x model {size.total / mib:.1f} MiB "
                   f"({strategy}: rank {rank} holds {share:.3f} of the model at its peak; "
-                  f"world {world_size}, tp {tp_size})")
-    return Bound(rank, limit, baseline, model_bytes, share, allowance, slack, derivation)
+                  f"world {world_size}, tp {tp_size}, largest unit "
+                  f"{size.largest_unit / mib:.1f} MiB, largest tensor "
+                  f"{size.largest_tensor / mib:.1f} MiB)")
+    return Bound(rank, limit, baseline, size.total, share, allowance, slack, derivation)

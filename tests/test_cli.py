@@ -38,7 +38,7 @@ def report_json(tmp: Path, stem: str) -> dict:
     return json.loads((tmp / "reports" / f"{stem}.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["smp", "fsdp2", "naive", "tp_plan"])
+@pytest.mark.parametrize("strategy", ["smp", "fsdp2", "naive", "tp_plan", "streaming"])
 def test_demo_model_passes_with_every_strategy(tmp_path, strategy) -> None:
     out = run_cli("run", "--strategy", strategy, tmp=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -181,3 +181,16 @@ def test_report_and_env_commands(tmp_path) -> None:
     assert run_cli("report", str(tmp_path / "missing.json"), tmp=tmp_path).returncode == 2
     env = run_cli("env", tmp=tmp_path)
     assert env.returncode == 0 and "torch" in env.stdout and "backends" in env.stdout
+
+
+def test_compare_writes_one_side_by_side_report(tmp_path) -> None:
+    out = run_cli("compare", "--strategies", "naive,streaming", tmp=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert set(rows) == {"naive", "streaming"} and all(r["ok"] for r in rows.values())
+    assert rows["naive"]["node_total_x_naive"] == 1.0
+    assert all(r["ready_s"] > 0 and len(r["per_rank"]) == 2 for r in rows.values())
+    html = (tmp_path / "reports" / "compare-demo.html").read_text()
+    assert 'id="compare"' in html and "streaming" in html
+    assert "streaming  pass" in out.stdout

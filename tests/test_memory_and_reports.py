@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 import smpcheck
+from smpcheck.checkpoint import Checkpoint
 from smpcheck.checks import ALL_CHECKS
-from smpcheck.memory import MemoryMonitor, memory_bound
+from smpcheck.memory import MemoryMonitor, ModelSize, memory_bound
 from smpcheck.report.model import Report
 from smpcheck.report.writers import write_reports
 
@@ -69,8 +70,9 @@ def excess_over_bound(extra_mib: int) -> dict:
                 time.sleep(0.1)
                 del block
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bound = memory_bound(rank=rank, baseline=mon.record.baseline_anon, model_bytes=model_bytes,
-                         largest_tensor_bytes=model_bytes, strategy="fsdp2", world_size=2)
+    bound = memory_bound(rank=rank, baseline=mon.record.baseline_anon,
+                         size=ModelSize(model_bytes, model_bytes, model_bytes),
+                         strategy="fsdp2", world_size=2)
     report = smpcheck.verify(model, checks=["memory"], memory=(mon.record, bound))
     result = report.results[0]
     return {"status": result.status.value, "findings": [f.sentence() for f in result.errors],
@@ -99,10 +101,8 @@ def recipe_report(path: str, out_dir: str) -> str:
         with mon.phase("wrap"):
             initer = DelayedParamIniter(model, device="cpu") if rank else None
             model = apply_fsdp1(model, device="cpu", initer=initer)
-    model_bytes = sum(p.numel() * p.element_size() for p in load_on_rank0(
-        path, rank=1).parameters())
-    bound = memory_bound(rank=rank, baseline=mon.record.baseline_anon, model_bytes=model_bytes,
-                         largest_tensor_bytes=model_bytes, strategy="smp", world_size=2)
+    bound = memory_bound(rank=rank, baseline=mon.record.baseline_anon,
+                         size=Checkpoint(path).sizes(), strategy="smp", world_size=2)
     report = smpcheck.verify(model, checkpoint=path, memory=(mon.record, bound),
                              environment_extra={"model": "<b>tiny</b> & llama"})
     if rank == 0:

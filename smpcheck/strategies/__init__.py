@@ -2,10 +2,11 @@
 
 from smpcheck.strategies.base import RunOptions, Strategy
 from smpcheck.strategies.external import SageMakerSMP, TransformersTPPlan
-from smpcheck.strategies.recipes import FSDP2FromRank0, Naive, SMPRecipe
+from smpcheck.strategies.recipes import FSDP2FromRank0, Naive, SMPRecipe, Streaming
 
 STRATEGIES: dict[str, type] = {
-    s.name: s for s in (SMPRecipe, FSDP2FromRank0, Naive, TransformersTPPlan, SageMakerSMP)
+    s.name: s
+    for s in (SMPRecipe, FSDP2FromRank0, Naive, Streaming, TransformersTPPlan, SageMakerSMP)
 }
 
 __all__ = ["STRATEGIES", "RunOptions", "Strategy"]

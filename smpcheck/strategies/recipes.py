@@ -91,3 +91,24 @@ class Naive(_Recipe):
         return FSDP(model, auto_wrap_policy=ModuleWrapPolicy(block_classes(model)),
                     device_id=device if device.type == "cpu" else device.index,
                     device_mesh=mesh["dp"], use_orig_params=True)
+
+
+class Streaming:
+    """Every rank builds on meta and shards (TP x FSDP2); rank 0 streams the checkpoint one
+    tensor at a time, each rank keeping only its slice (``reference_impl.streaming``)."""
+
+    name = "streaming"
+    memory_strategy = "streaming"
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def phases(self, opts: RunOptions) -> Iterator[str]:
+        from reference_impl.streaming import load_streaming
+
+        self.model = load_streaming(opts.source.path, device=device_of(opts), tp_size=opts.tp,
+                                    dtype=opts.dtype)
+        yield "load"

@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=1.0e9)
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--strategies", default="naive,smp,fsdp2,streaming")
+    parser.add_argument("--dtype", default=None,
+                        help="load in this dtype (float32 from the bf16 checkpoint: every rank "
+                        "owns its weights, the 'ready to train' case)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/smpcheck-bench"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -54,7 +57,8 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s", flush=True)
     command = [sys.executable, "-m", "smpcheck", "compare", str(ckpt), "--strategies",
                args.strategies, "--nproc-per-node", str(args.nproc), "--oversubscribe",
-               "--report-dir", str(args.out / "compare"), "--timeout", "3000"]
+               "--report-dir", str(args.out / f"compare-{args.params:.0e}-{args.dtype or 'bf16'}"),
+               "--timeout", "3000"] + (["--dtype", args.dtype] if args.dtype else [])
     subprocess.run(command, check=False)
 
 

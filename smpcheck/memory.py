@@ -217,9 +217,10 @@ class ModelSize:
 # tensor and FSDP unit as fractions of the model.
 def _holds(strategy: str, shard: float, tensor: float, unit: float) -> tuple[float, float]:
     table = {
-        # rank 0 holds the model; every rank materialises a whole unit, receives the broadcast
-        # of it (sync_module_states) and flattens it before keeping its shard
-        "smp": (1.0 + shard + 2 * unit, shard + 2 * unit),
+        # rank 0 holds the model; every rank materialises a whole unit (receiving rank 0's
+        # values into it: sync_module_states), flattens it into a new buffer, and the
+        # allocator keeps the previous unit's freed pages: three units (measured, 1B Llama)
+        "smp": (1.0 + shard + 3 * unit, shard + 3 * unit),
         "fsdp2": (1.0 + shard, shard + tensor),  # full state dict on rank 0; one in flight
         "naive": (1.0 + shard, 1.0 + shard),  # every rank loads everything
         "streaming": (shard + 2 * tensor, shard + tensor),  # one read + one in flight

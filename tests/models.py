@@ -52,6 +52,10 @@ FAMILIES: dict[str, tuple[type[T.PretrainedConfig], dict]] = {
     ),
 }
 
+# Mixtral: attention TP with experts replicated (its packed expert weights stay whole).
+MIXTRAL: tuple[type[T.PretrainedConfig], dict] = (
+    T.MixtralConfig, {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2})
+
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Add seeded noise to every parameter (in place), so each value is distinctive."""

@@ -17,25 +17,11 @@ from reference_impl import apply_fsdp1, apply_fsdp2, load_on_rank0
 from reference_impl.transform import build_mesh, transform
 from smpcheck.runner import RankError
 from smpcheck.tensors import local_view, named_tensors
-from tests.models import FAMILIES, write_checkpoint
+from tests.models import FAMILIES, MIXTRAL, write_checkpoint
 
 # fp32 throughout; TP changes only the order of the reductions (row-parallel partial sums),
 # so differences stay at a few ulps of the values involved.
 ATOL = 2e-5
-MIXTRAL = (
-    T.MixtralConfig,
-    dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    ),
-)
 TP_FAMILIES = ["llama-gqa-tied", "llama-gqa-untied", "mistral", "qwen2", "gpt-neox", "mixtral"]
 
 

@@ -63,5 +63,5 @@ class MemoryCheck:
                 )
         ctx.options["memory_gathered"] = ctx.all_gather((record.to_dict(), asdict(bound)))
         peak = worst.peak_anon / MIB if worst else 0
-        words = f"rank {ctx.rank} peak {peak:.0f} MiB vs bound {bound.limit / MIB:.0f} MiB"
+        words = f"peak {peak:.0f} MiB anonymous vs bound {bound.limit / MIB:.0f} MiB"
         return result(self.name, findings, words, words)

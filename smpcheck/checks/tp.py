@@ -226,7 +226,9 @@ class TPNumerics:
                 )
         ctx.model.zero_grad(set_to_none=True)
         ctx.dense_model.zero_grad(set_to_none=True)
-        words = f"logits, loss and {graded} gradients vs the dense model ({dtype}, atol={atol:g})"
+        grads = (f"{graded} gradients" if graded else "no gradients (this wrapper keeps them "
+                 "flat: FSDP1)")
+        words = f"logits, loss and {grads} vs the dense model ({dtype}, atol={atol:g})"
         return result(
             self.name, findings, f"{words}: within tolerance", f"{words}: {len(findings)} differ"
         )

@@ -27,6 +27,19 @@ class RunOptions:
     dtype: torch.dtype | None = None
 
 
+class StrategyBase:
+    """Defaults shared by every strategy: no model yet, available everywhere."""
+
+    name = ""
+    memory_strategy = ""
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+
+    def unavailable(self) -> str | None:
+        return None
+
+
 class Strategy(Protocol):
     """``phases(opts)`` yields phase names; after each, ``self.model`` is the current model."""
 

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torch import nn
-
-from smpcheck.strategies.base import RunOptions, device_of, load_kwargs
+from smpcheck.strategies.base import RunOptions, StrategyBase, device_of, load_kwargs
 
 
-class TransformersTPPlan:
+class TransformersTPPlan(StrategyBase):
     """``from_pretrained(..., tp_plan="auto")`` on every rank (TP over the whole world)."""
 
     name = "tp_plan"
     memory_strategy = "tp_plan"
-
-    def __init__(self) -> None:
-        self.model: nn.Module | None = None
-
-    def unavailable(self) -> str | None:
-        return None
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         from transformers import AutoConfig
@@ -32,14 +24,11 @@ class TransformersTPPlan:
         yield "load"
 
 
-class SageMakerSMP:
+class SageMakerSMP(StrategyBase):
     """The real SMP v2 library: ``torch.sagemaker.init`` + ``transform`` + FSDP recipe."""
 
     name = "sagemaker"
     memory_strategy = "smp"
-
-    def __init__(self) -> None:
-        self.model: nn.Module | None = None
 
     def unavailable(self) -> str | None:
         try:

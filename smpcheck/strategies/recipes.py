@@ -17,19 +17,11 @@ from reference_impl import (
     load_on_rank0,
     transform,
 )
-from smpcheck.strategies.base import RunOptions, device_of, load_kwargs
+from smpcheck.strategies.base import RunOptions, StrategyBase, device_of, load_kwargs
 
 
-class _Recipe:
-    name = ""
-    memory_strategy = ""
+class _Recipe(StrategyBase):
     every_rank_loads = False
-
-    def __init__(self) -> None:
-        self.model: nn.Module | None = None
-
-    def unavailable(self) -> str | None:
-        return None
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         rank, device = dist.get_rank(), device_of(opts)
@@ -93,18 +85,12 @@ class Naive(_Recipe):
                     device_mesh=mesh["dp"], use_orig_params=True)
 
 
-class Streaming:
+class Streaming(StrategyBase):
     """Every rank builds on meta and shards (TP x FSDP2); rank 0 streams the checkpoint one
     tensor at a time, each rank keeping only its slice (``reference_impl.streaming``)."""
 
     name = "streaming"
     memory_strategy = "streaming"
-
-    def __init__(self) -> None:
-        self.model: nn.Module | None = None
-
-    def unavailable(self) -> str | None:
-        return None
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         from reference_impl.streaming import load_streaming

@@ -63,8 +63,10 @@ def stream_from_rank0(model: nn.Module, ckpt: Checkpoint | None,
             if key is None:
                 header[0] = ("fused" if ckpt.is_fused_target(name) else "missing", name)
             else:
-                full = ckpt.read(key).to(device=device, dtype=tensor.dtype)
-                header[0] = ("ok", list(full.shape))
+                # Sent as stored (bf16 stays half the size of an fp32 target); every rank
+                # casts only its own part, so no rank ever holds a cast copy of the whole.
+                full = ckpt.read(key).to(device=device)
+                header[0] = ("ok", (list(full.shape), str(full.dtype).removeprefix("torch.")))
         dist.broadcast_object_list(header, src=0)
         status, detail = header[0]
         if status == "fused":
@@ -72,10 +74,13 @@ def stream_from_rank0(model: nn.Module, ckpt: Checkpoint | None,
                                       "tensors (MoE experts): streaming does not support it")
         if status == "missing":
             raise KeyError(f"{detail} is not in the checkpoint")
+        shape, stored = detail[0], getattr(torch, detail[1])
+        if rank != 0:
+            full = None
         if _rows_over_world(tensor):
-            _scatter_rows(tensor, full if rank == 0 else None, detail)
+            _scatter_rows(tensor, full, shape, stored)
         else:
-            _broadcast_and_slice(tensor, full if rank == 0 else None, detail, device)
+            _broadcast_and_slice(tensor, full, shape, stored, device)
         full = None
         count += 1
     return count
@@ -88,13 +93,14 @@ def _rows_over_world(tensor: torch.Tensor) -> bool:
             and tensor.device_mesh.size() == dist.get_world_size())
 
 
-def _scatter_rows(tensor: torch.Tensor, full: torch.Tensor | None, shape: list[int]) -> None:
+def _scatter_rows(tensor: torch.Tensor, full: torch.Tensor | None, shape: list[int],
+                  stored: torch.dtype) -> None:
     """Each rank receives only its rows: DTensor's split (torch.chunk, empty shards at the
     end), padded to equal sizes for the collective; even splits send views, no copies."""
     world = dist.get_world_size()
     rows = -(-shape[0] // world)
     local = local_view(tensor)
-    received = torch.empty((rows, *shape[1:]), dtype=local.dtype, device=local.device)
+    received = torch.empty((rows, *shape[1:]), dtype=stored, device=local.device)
     pieces = None
     if full is not None:
         chunks = list(full.chunk(world, dim=0))
@@ -109,10 +115,10 @@ def _scatter_rows(tensor: torch.Tensor, full: torch.Tensor | None, shape: list[i
 
 
 def _broadcast_and_slice(tensor: torch.Tensor, full: torch.Tensor | None, shape: list[int],
-                         device: torch.device) -> None:
+                         stored: torch.dtype, device: torch.device) -> None:
     """Everyone receives the whole tensor and keeps its slice: any placement, more traffic."""
     if full is None:
-        full = torch.empty(shape, dtype=tensor.dtype, device=device)
+        full = torch.empty(shape, dtype=stored, device=device)
     dist.broadcast(full, src=0)
     placements = getattr(tensor, "placements", None)
     mine = full if placements is None else distribute_tensor(

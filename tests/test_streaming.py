@@ -18,9 +18,9 @@ from tests.models import FAMILIES, write_checkpoint
 MIB = 2**20
 
 
-def recipe(path: str, tp: int):
+def recipe(path: str, tp: int, dtype: torch.dtype | None = None):
     """What the recipe gives: FSDP2 from rank 0, or TP from rank 0 then FSDP2 over dp."""
-    model = load_on_rank0(path)
+    model = load_on_rank0(path, **({"dtype": dtype} if dtype else {}))
     mesh = build_mesh("cpu", tp)
     if tp > 1:
         model = transform(model, device_mesh=mesh, device="cpu", load_state_dict_from_rank0=True)
@@ -35,14 +35,15 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return {**state, **{f"buffer:{n}": b.clone() for n, b in buffers.items()}}
 
 
-def streamed_equals_recipe(path: str, tp: int) -> dict:
-    streamed = full_state(load_streaming(path, device="cpu", tp_size=tp))
-    reference = full_state(recipe(path, tp))
+def streamed_equals_recipe(path: str, tp: int, dtype: torch.dtype | None = None) -> dict:
+    streamed = full_state(load_streaming(path, device="cpu", tp_size=tp, dtype=dtype))
+    reference = full_state(recipe(path, tp, dtype))
+    dtypes = {str(t.dtype) for k, t in streamed.items() if not k.startswith("buffer:")}
     differ = sorted(k for k in reference if k not in streamed
                     or not torch.equal(streamed[k], reference[k]))
     ties = [[n for n, _, _ in g] for g in tie_groups(load_streaming(path, device="cpu",
                                                                     tp_size=tp))]
-    return {"differ": differ, "n": len(reference), "ties": ties}
+    return {"differ": differ, "n": len(reference), "ties": ties, "dtypes": dtypes}
 
 
 @pytest.mark.parametrize(("world", "tp"), [(2, 1), (2, 2), (4, 2)],
@@ -85,3 +86,12 @@ def test_uneven_row_shards_stream_exactly(ranks, tmp_path) -> None:
     path = write_checkpoint(config, tmp_path / "odd")
     for res in ranks(streamed_equals_recipe, 3, args=(str(path), 1)):
         assert res["n"] > 10 and res["differ"] == [], res
+
+
+def test_cast_on_receipt_matches_the_recipe_cast(ranks, tmp_path) -> None:
+    # bf16 on disk, fp32 in the model: shards travel as bf16 and each rank casts its own.
+    config = T.LlamaConfig(**FAMILIES["llama-gqa-tied"][1])
+    path = write_checkpoint(config, tmp_path / "bf16", dtype=torch.bfloat16)
+    for tp, world in ((1, 2), (2, 2)):
+        for res in ranks(streamed_equals_recipe, world, args=(str(path), tp, torch.float32)):
+            assert res["differ"] == [] and res["dtypes"] == {"torch.float32"}, res

@@ -157,10 +157,10 @@ def _run(args: argparse.Namespace) -> int:
                   f"{args.timeout:.0f} s and were stopped; each rank's stack is printed above",
                   file=sys.stderr)
             return 1
-        # The earliest failure is the cause; later ones (same second, too) are peers that
-        # lost their connection to it.
+        # The cause is the failure that is not a peer losing its connection to the failed
+        # rank (gloo says so in words); among equals, the earliest.
         rank, failure = min(failures.items(), key=lambda item: (
-            item[1].timestamp, "remote worker" in str(item[1].message), item[0]))
+            _peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
         print(f"smpcheck: rank {rank} failed (exit code {failure.exitcode}): "
               f"{failure.message or 'see its output above'}", file=sys.stderr)
         return 1
@@ -189,6 +189,11 @@ def _compare(args: argparse.Namespace) -> int:
     print(text_table(compare(reports)))
     print(f"[smpcheck] comparison: {out}")
     return worst
+
+
+def _peer_loss(message: str) -> bool:
+    return any(words in message for words in ("remote worker", "Connection closed by peer",
+                                               "Connection reset by peer"))
 
 
 def _report(args: argparse.Namespace) -> int:

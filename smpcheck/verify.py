@@ -87,7 +87,7 @@ def verify(
         {"memory": memory} if memory else {},
     )
     results = [gather_result(ctx, run_check(ALL_CHECKS[n](), ctx)) for n in names]
-    gathered = ctx.options.get("memory_gathered", [])
+    gathered = [g for g in ctx.options.get("memory_gathered", []) if g is not None]
     memory_data = {"ranks": [r for r, _ in gathered], "bounds": [b for _, b in gathered]}
     return Report(
         results, {**environment(ctx), **(environment_extra or {})}, memory_data if gathered else {}

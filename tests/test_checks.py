@@ -341,3 +341,24 @@ def test_accelerate_prepared_model_is_judged(ranks, checkpoints) -> None:
     planted = ranks(accelerate_prepared, 2, args=(path, True))[0]
     assert planted["failed"]["rank_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]
     assert planted["failed"]["checkpoint_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]
+
+
+def checkpoint_missing_on_rank1(path: str, missing: str) -> dict:
+    """One node cannot read the checkpoint: its check errors, the others go on, no hang."""
+    model, _ = build(path, "fsdp2")
+    report = smpcheck.verify(model, checkpoint=missing if dist.get_rank() == 1 else path)
+    return {r.name: (r.status.value, r.message) for r in report.results}
+
+
+def test_a_check_failing_on_one_rank_neither_hangs_nor_stops_the_others(
+        ranks, checkpoints, tmp_path) -> None:
+    path = str(checkpoints["llama-gqa-tied"])
+    results = ranks(checkpoint_missing_on_rank1, 2, args=(path, str(tmp_path / "gone")),
+                    timeout=60)
+    assert results[0] == results[1]
+    status, message = results[0]["checkpoint_parity"]
+    assert status == "error"
+    assert message.startswith("rank 1: the check itself raised smpcheck.checkpoint."
+                              "CheckpointError: checkpoint ") and "does not exist" in message
+    assert results[0]["initialised"][0] == "pass" and results[0]["rank_parity"][0] == "pass"
+    assert results[0]["tp_shards"][0] == "error"  # rank 1 has no checkpoint to slice either

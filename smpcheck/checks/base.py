@@ -34,6 +34,7 @@ class CheckContext:
     dense_model: nn.Module | None = None
     process_group: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    gathers_done: int = 0  # all_gathers the running check has made (see run_check)
 
     def __post_init__(self) -> None:
         # DDP (what accelerate's prepare returns on CPU/GPU without FSDP) holds an unsharded
@@ -63,7 +64,9 @@ class CheckContext:
         return list(iter_pieces(self.model))
 
     def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (a small picklable object), indexed by rank."""
+        """Every rank's ``obj`` (a small picklable object), indexed by rank. ``None`` from a
+        rank means its check failed before it had anything to send."""
+        self.gathers_done += 1
         if not dist.is_initialized() or self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
@@ -72,9 +75,12 @@ class CheckContext:
 
 
 class Check(Protocol):
-    """A check: a name, and ``run(ctx) -> CheckResult`` for this rank."""
+    """A check: a name, ``run(ctx) -> CheckResult`` for this rank, and how many
+    ``ctx.all_gather`` calls ``run`` makes (the same on every rank, extra ones only when no
+    gathered entry is ``None``)."""
 
     name: str
+    gathers: int
 
     def run(self, ctx: CheckContext) -> CheckResult: ...
 
@@ -112,15 +118,23 @@ def merge_findings(per_rank: list[list[Finding]]) -> list[Finding]:
 def run_check(check: Check, ctx: CheckContext) -> CheckResult:
     """Run ``check`` on this rank, turning an exception into an ``error`` result."""
     start = time.perf_counter()
+    ctx.gathers_done = 0
     try:
         local = check.run(ctx)
     except Exception as exc:  # noqa: BLE001 - a broken check must not hide the others
         tail = traceback.format_exception(exc)[-1].strip()
-        local = CheckResult(
-            check.name, Status.ERROR, f"rank {ctx.rank}: the check itself raised {tail}"
-        )
+        local = CheckResult(check.name, Status.ERROR, f"the check itself raised {tail}")
+        # The other ranks are (or will be) in this check's collectives: join the ones this
+        # rank skipped, sending None, so the group stays aligned instead of hanging.
+        for _ in range(getattr(check, "gathers", 0) - ctx.gathers_done):
+            ctx.all_gather(None)
     local.seconds = time.perf_counter() - start
     return local
+
+
+def present(gathered: list[Any]) -> list[Any]:
+    """The gathered entries of ranks whose check got far enough to send one."""
+    return [g for g in gathered if g is not None]
 
 
 def gather_result(ctx: CheckContext, local: CheckResult) -> CheckResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from smpcheck.checkpoint import Checkpoint
-from smpcheck.checks.base import CheckContext, describe_diff, result
+from smpcheck.checks.base import CheckContext, describe_diff, present, result
 from smpcheck.checks.skeleton import expected_tie_groups, skeleton
 from smpcheck.checks.tp import expected_slice
 from smpcheck.report.model import CheckResult, Finding
@@ -32,6 +32,7 @@ def _tie_partners(ctx: CheckContext) -> dict[str, list[str]]:
 
 class CheckpointParity:
     name = "checkpoint_parity"
+    gathers = 1
 
     def run(self, ctx: CheckContext) -> CheckResult:
         if ctx.checkpoint is None:
@@ -82,7 +83,7 @@ class CheckpointParity:
                         HINT,
                     )
                 )
-        used_anywhere = set().union(*ctx.all_gather(used))
+        used_anywhere = set().union(*present(ctx.all_gather(used)))
         unexpected = sorted(set(ckpt.files) - used_anywhere - set(ckpt.fused_keys))
         if ctx.rank == 0:
             findings += [

@@ -22,6 +22,7 @@ IMPLAUSIBLE_MAGNITUDE = 1e6
 
 class Initialised:
     name = "initialised"
+    gathers = 0
 
     def run(self, ctx: CheckContext) -> CheckResult:
         rank = ctx.rank

@@ -19,6 +19,7 @@ UNBOUNDED_PHASE = "check"
 
 class MemoryCheck:
     name = "memory"
+    gathers = 1
 
     def run(self, ctx: CheckContext) -> CheckResult:
         mine = ctx.options.get("memory")

@@ -96,11 +96,16 @@ def _hint(problem: str) -> str:
 
 class Preflight:
     name = "preflight"
+    gathers = 1  # a second, only when every rank sent a summary and they differ
 
     def run(self, ctx: CheckContext) -> CheckResult:
         mine = structure(ctx.model)
         key = xxhash.xxh3_64_hexdigest(json.dumps([mine["tensors"], mine["ties"]]).encode())
         summaries = ctx.all_gather((key, mine["devices"]))
+        if any(s is None for s in summaries):  # a rank could not describe itself: no 2nd round
+            missing = [r for r, s in enumerate(summaries) if s is None]
+            return result(self.name, [], "", skip=f"ranks {missing} could not describe "
+                          "their structure (their error is in this check's result)")
         devices = {tuple(d) for _, d in summaries if d}
         count = f"{len(mine['tensors'])} tensors, {len(mine['ties'])} tie groups"
         if len({k for k, _ in summaries}) == 1 and len(devices) <= 1:

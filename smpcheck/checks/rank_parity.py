@@ -23,11 +23,14 @@ HINT = (
 
 class RankParity:
     name = "rank_parity"
+    gathers = 1
 
     def run(self, ctx: CheckContext) -> CheckResult:
         mine = [(p.replica_key, p.where(), digest(p.data)) for p in ctx.pieces()]
         groups: dict[tuple, list[tuple[int, str, str]]] = defaultdict(list)
         for rank, entries in enumerate(ctx.all_gather(mine)):
+            if entries is None:  # that rank's check failed; it reports its own error
+                continue
             for key, where, value in entries:
                 groups[key].append((rank, where, value))
         findings, compared = [], 0

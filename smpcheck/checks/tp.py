@@ -112,6 +112,7 @@ def _diagnose(piece: Piece, full: torch.Tensor, blocks: list[int] | None) -> str
 
 class TPShards:
     name = "tp_shards"
+    gathers = 0
 
     def run(self, ctx: CheckContext) -> CheckResult:
         pieces = [p for p in ctx.pieces() if p.shard_coords]
@@ -178,6 +179,9 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 class TPNumerics:
     name = "tp_numerics"
+    # Its forward/backward is collective in itself: a rank failing inside it leaves its peers
+    # to the launcher's timeout, which prints every rank's stack.
+    gathers = 0
 
     def run(self, ctx: CheckContext) -> CheckResult:
         if ctx.dense_model is None:

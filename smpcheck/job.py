@@ -78,14 +78,14 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
             say(f"{name:9} done in {time.perf_counter() - start:6.2f} s, rank 0 peak "
                 f"{phase.peak_anon / MIB:.0f} MiB anonymous")
         model = strategy.model
-        dense = _dense_model(opts)
+        size = Checkpoint(opts.source.path).sizes(opts.dtype)
+        dense = _dense_model(opts, size.total)
         with monitor.phase("check"):
             start = time.perf_counter()
             report = verify(model, checkpoint=opts.source.path, dense_model=dense,
                             checks=["preflight", "initialised", "rank_parity",
                                     "checkpoint_parity", "tp_shards", "tp_numerics"])
             say(f"check     done in {time.perf_counter() - start:6.2f} s")
-    size = Checkpoint(opts.source.path).sizes(opts.dtype)
     bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon, size=size,
                          strategy=strategy.memory_strategy, world_size=world, tp_size=opts.tp,
                          slack=CUDA_SLACK if cuda else CPU_SLACK)
@@ -104,13 +104,13 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
     return 0 if report.ok else 1
 
 
-def _dense_model(opts: RunOptions):
+def _dense_model(opts: RunOptions, model_bytes: int):
     """A dense copy for tp_numerics: only with TP, and only for models below the limit."""
     if opts.tp <= 1 and opts.strategy != "tp_plan":
         return None
     from reference_impl import load_on_rank0
 
-    if Checkpoint(opts.source.path).sizes(opts.dtype).total > DENSE_NUMERICS_LIMIT:
+    if model_bytes > DENSE_NUMERICS_LIMIT:
         say("tp_numerics skipped: a dense copy on every rank would exceed 1 GiB")
         return None
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device.startswith(

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from smpcheck.checkpoint import Checkpoint
 from smpcheck.pieces import Piece, iter_pieces, unwrap
 from smpcheck.report.model import CheckResult, Finding, Status
 
@@ -58,6 +59,15 @@ class CheckContext:
     @cached_property
     def config(self) -> Any:
         return getattr(self.inner, "config", None)
+
+    @cached_property
+    def checkpoint_reader(self) -> tuple[Checkpoint, str]:
+        """The checkpoint, read lazily under the model's names (its headers parsed once for
+        every check), and the base-model prefix its keys may carry or lack."""
+        from smpcheck.checks.skeleton import skeleton
+
+        reader = Checkpoint(self.checkpoint, skeleton(self.inner) or self.inner)
+        return reader, getattr(self.inner, "base_model_prefix", "") + "."
 
     def pieces(self) -> list[Piece]:
         """This rank's pieces; recomputed on each call, so a check sees current values."""

@@ -12,7 +12,7 @@ import torch
 
 from smpcheck.checkpoint import Checkpoint
 from smpcheck.checks.base import CheckContext, describe_diff, present, result
-from smpcheck.checks.skeleton import expected_tie_groups, skeleton
+from smpcheck.checks.skeleton import expected_tie_groups
 from smpcheck.checks.tp import expected_slice
 from smpcheck.report.model import CheckResult, Finding
 
@@ -37,8 +37,7 @@ class CheckpointParity:
     def run(self, ctx: CheckContext) -> CheckResult:
         if ctx.checkpoint is None:
             return result(self.name, [], "", skip="no checkpoint given (checkpoint=PATH)")
-        ckpt = Checkpoint(ctx.checkpoint, skeleton(ctx.inner) or ctx.inner)
-        prefix = getattr(ctx.inner, "base_model_prefix", "") + "."
+        ckpt, prefix = ctx.checkpoint_reader
         partners = _tie_partners(ctx)
         findings: list[Finding] = []
         used: set[str] = set()

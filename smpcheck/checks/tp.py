@@ -19,9 +19,7 @@ import re
 
 import torch
 
-from smpcheck.checkpoint import Checkpoint
 from smpcheck.checks.base import CheckContext, describe_diff, result
-from smpcheck.checks.skeleton import skeleton
 from smpcheck.pieces import Piece, splits
 from smpcheck.report.model import CheckResult, Finding
 from smpcheck.tensors import named_tensors
@@ -162,8 +160,7 @@ def _full_tensors(ctx: CheckContext):
         dense = dict(named_tensors(ctx.dense_model))
         return "dense model", lambda name: dense.get(name)
     if ctx.checkpoint is not None:
-        ckpt = Checkpoint(ctx.checkpoint, skeleton(ctx.inner) or ctx.inner)
-        prefix = getattr(ctx.inner, "base_model_prefix", "") + "."
+        ckpt, prefix = ctx.checkpoint_reader
 
         def read(name: str) -> torch.Tensor | None:
             key = ckpt.key_for(name, prefix)

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from reference_impl.loading import build_meta_model
-from smpcheck.tensors import clean_name, local_view, named_tensors, tie_groups
+from reference_impl.tensors import clean_name, local_view, named_tensors, tie_groups
 
 logger = logging.getLogger(__name__)
 

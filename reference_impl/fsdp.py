@@ -31,7 +31,7 @@ from reference_impl.delayed_param import (
     resolve_device,
     swap_params_on_conversion,
 )
-from smpcheck.tensors import tie_groups
+from reference_impl.tensors import tie_groups
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:

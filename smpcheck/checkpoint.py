@@ -101,6 +101,7 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path} does not exist")
         self.files = _files(self.path)
         self._handles: dict[Path, Any] = {}
+        self.bytes_read = 0  # what read() returned, as stored: the cost of checking
         renames, fused, self._fused_targets = _renames(model) if model is not None else ([], [], [])
         self.fused_keys = sorted(k for k in self.files if any(re.search(p, k) for p in fused))
         self.by_model_name: dict[str, str] = {}
@@ -132,16 +133,29 @@ class Checkpoint:
                 return self.by_model_name[candidate]
         return None
 
+    def shape(self, key: str) -> list[int]:
+        """A tensor's shape, from its file's header (nothing read)."""
+        return list(self._handle(self.files[key]).get_slice(key).get_shape())
+
     def is_fused_target(self, name: str) -> bool:
         """True when the model builds ``name`` from several checkpoint tensors on load."""
         return any(re.search(p, name) for p in self._fused_targets)
 
-    def read(self, key: str) -> torch.Tensor:
-        """One tensor, read from its (memory-mapped) file now."""
+    def read(self, key: str, box: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+        """One tensor, or one box of it (a ``[start, stop)`` run per dimension), read from
+        its memory-mapped file now: a box reads only its own bytes."""
         try:
-            return self._handle(self.files[key]).get_tensor(key)
+            handle = self._handle(self.files[key])
+            if box is None:
+                tensor = handle.get_tensor(key)
+            elif not box:  # a 0-d tensor
+                tensor = handle.get_slice(key)[...]
+            else:
+                tensor = handle.get_slice(key)[tuple(slice(a, b) for a, b in box)]
         except Exception as exc:
             raise CheckpointError(f"cannot read {key} from {self.files[key]}: {exc}") from exc
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def sizes(self, dtype: torch.dtype | None = None) -> ModelSize:
         """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all

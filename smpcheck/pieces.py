@@ -4,8 +4,9 @@ A :class:`Piece` is one rank's part of one named tensor: the whole tensor (plain
 replicated buffers), a DTensor's local shard (TP, FSDP2, both), or a range of the flattened
 tensor inside an FSDP1 ``FlatParameter`` (``use_orig_params`` on or off). Each piece knows
 
-* how to cut its expected value out of the full tensor (``expected_from``), so checks can
-  compare against a checkpoint or a dense model without gathering anything, and
+* its :class:`~smpcheck.selection.Selection`: which elements of the full tensor it holds, so
+  checks read exactly those from a checkpoint, or cut them from a dense model, without
+  gathering anything, and
 * its ``replica_key``: pieces with equal keys on different ranks must hold equal values
   (replicated tensors, TP shards across data-parallel replicas, HSDP replicas).
 """
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from smpcheck.selection import Selection, dtensor_runs, flat_selection
 from smpcheck.tensors import clean_name
 
 
@@ -41,6 +43,29 @@ class Piece:
     placements: tuple = ()
     flat_range: tuple[int, int] | None = None  # [start, stop) of the flattened tensor
     shard_coords: tuple = field(default_factory=tuple)
+    shape: tuple[int, ...] | None = None  # the full tensor's shape (default: the data's)
+    fsdp_mesh_dims: int = 0  # leading mesh dims that FSDP2 shards over; the rest are TP's
+
+    @property
+    def tp_splits(self) -> list[tuple[int, Any]]:
+        """(mesh dim, placement) of the tensor-parallel splits: FSDP's are excluded, since
+        FSDP gathers its shards before computing and may cut anywhere."""
+        return [(d, p) for d, p in enumerate(self.placements)
+                if d >= self.fsdp_mesh_dims and splits(p)]
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape if self.shape is not None else self.data.shape)
+
+    @property
+    def selection(self) -> Selection:
+        """The elements of the full tensor this piece holds."""
+        shape = self.full_shape
+        runs = (dtensor_runs(shape, self.mesh, self.placements) if self.placements
+                else Selection.whole(shape).runs)
+        if self.flat_range is not None:
+            return flat_selection(shape, runs, self.flat_range)
+        return Selection(shape, runs)
 
     @property
     def replica_key(self) -> tuple:
@@ -58,18 +83,8 @@ class Piece:
         return " of ".join(reversed(words)) or "whole tensor"
 
     def expected_from(self, full: torch.Tensor) -> torch.Tensor:
-        """The part of ``full`` (the whole expected tensor) this piece should equal: its
-        DTensor shard (cut by DTensor's own placement logic, no communication), then its
-        FSDP1 flat range, as applicable."""
-        part = full
-        if self.placements:
-            from torch.distributed.tensor import distribute_tensor
-
-            part = distribute_tensor(full.to(self.data.device), self.mesh, self.placements,
-                                     src_data_rank=None).to_local()
-        if self.flat_range is not None:
-            part = part.reshape(-1)[self.flat_range[0]:self.flat_range[1]]
-        return part
+        """The part of ``full`` (the whole expected tensor) this piece should equal."""
+        return self.selection.take(full)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -101,7 +116,8 @@ def _flat_pieces(prefix: str, handle: Any) -> Iterator[Piece]:
     flat = handle.flat_param
     local = flat.detach()
     extensions = getattr(flat, "_param_extensions", None) or [None] * len(flat._fqns)
-    for fqn, info, spec in zip(flat._fqns, flat._shard_param_infos, extensions):
+    for fqn, info, spec, shape in zip(flat._fqns, flat._shard_param_infos, extensions,
+                                      flat._shapes):
         if not info.in_shard:
             continue
         start, numel = info.intra_param_start_idx, info.numel_in_shard
@@ -113,6 +129,7 @@ def _flat_pieces(prefix: str, handle: Any) -> Iterator[Piece]:
             is_param=True, kind="flat", mesh=mesh, placements=placements,
             flat_range=(start, start + numel),
             shard_coords=tuple((d, coords[d]) for d, p in enumerate(placements) if splits(p)),
+            shape=tuple(getattr(spec, "shape", shape)),
         )
 
 
@@ -127,6 +144,7 @@ def iter_pieces(model: nn.Module) -> Iterator[Piece]:
         for fqn in handle.flat_param._fqns:
             flat_names.add(_join(prefix, fqn))
     seen: set[int] = set()
+    fsdp2_dims = _fsdp2_mesh_dims(model)
     non_persistent = {
         clean_name(f"{mn}.{b}" if mn else b)
         for mn, m in model.named_modules()
@@ -139,10 +157,31 @@ def iter_pieces(model: nn.Module) -> Iterator[Piece]:
         if id(tensor) in seen or name in flat_names or "_flat_param" in raw_name:
             continue
         seen.add(id(tensor))
-        yield _piece(name, tensor, is_param, name not in non_persistent)
+        yield _piece(name, tensor, is_param, name not in non_persistent,
+                     fsdp2_dims.get(id(tensor), 0))
 
 
-def _piece(name: str, tensor: torch.Tensor, is_param: bool, persistent: bool) -> Piece:
+def _fsdp2_mesh_dims(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many leading mesh dims of its DTensor FSDP2 shards over."""
+    out: dict[int, int] = {}
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if not callable(get_state):
+            continue
+        state = get_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch < 2.9 keeps one group per module
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                mesh = fsdp_param.mesh_info.mesh
+                out[id(fsdp_param.sharded_param)] = mesh.ndim if mesh is not None else 0
+    return out
+
+
+def _piece(name: str, tensor: torch.Tensor, is_param: bool, persistent: bool,
+           fsdp_mesh_dims: int = 0) -> Piece:
     placements = getattr(tensor, "placements", None)
     if placements is None:
         return Piece(name, tensor.detach(), is_param, persistent)
@@ -158,6 +197,8 @@ def _piece(name: str, tensor: torch.Tensor, is_param: bool, persistent: bool) ->
         mesh=mesh,
         placements=tuple(placements),
         shard_coords=shard_coords,
+        shape=tuple(tensor.shape),
+        fsdp_mesh_dims=fsdp_mesh_dims,
     )
 
 

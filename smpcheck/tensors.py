@@ -50,3 +50,20 @@ def tie_groups(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]:
                 full = clean_name(f"{module_name}.{attr}" if module_name else attr)
                 owners.setdefault(id(param), []).append((full, module, attr))
     return [group for group in owners.values() if len(group) > 1]
+
+
+def describe_diff(seen: torch.Tensor, expected: torch.Tensor) -> tuple[str, str, str]:
+    """(expected, seen, detail) words for two same-shape tensors that differ."""
+    if seen.shape != expected.shape:
+        return f"shape {tuple(expected.shape)}", f"shape {tuple(seen.shape)}", "shape differs"
+    a = seen.detach().float().cpu().reshape(-1)
+    b = expected.detach().float().cpu().reshape(-1)
+    differ = (a != b) & ~(torch.isnan(a) & torch.isnan(b))
+    count = int(differ.sum())
+    first = int(differ.nonzero()[0]) if count else 0
+    diff = (a - b).abs().nan_to_num(float("inf"))
+    return (
+        f"{b[first].item():.6g} at flat index {first}",
+        f"{a[first].item():.6g}",
+        f"{count} of {a.numel()} elements differ, max |diff| {diff.max().item():.3g}",
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from smpcheck.checks import ALL_CHECKS, CheckContext
-from smpcheck.checks.base import gather_result, run_check
+from smpcheck.checks.base import run_checks
+from smpcheck.checks.memory import memory_data
 from smpcheck.memory import Bound, MemoryRecord
 from smpcheck.report.model import Report
 
@@ -23,11 +23,10 @@ class PreflightError(RuntimeError):
     """Ranks disagree on the model's structure; the message names the differences."""
 
 
-def environment(ctx: CheckContext) -> dict[str, Any]:
-    """Versions, world and hosts: what a bug report needs (gathered: hosts of every rank)."""
+def environment(ctx: CheckContext, hosts: list[str]) -> dict[str, Any]:
+    """Versions, world and hosts: what a bug report needs."""
     import transformers
 
-    hosts = ctx.all_gather(socket.gethostname())
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -35,6 +34,7 @@ def environment(ctx: CheckContext) -> dict[str, Any]:
         "world_size": ctx.world_size,
         "backend": str(dist.get_backend(ctx.process_group)) if dist.is_initialized() else "",
         "hosts": sorted(set(hosts)),
+        "rank_hosts": hosts,
         "model": type(ctx.inner).__name__,
         "checkpoint": str(ctx.checkpoint or ""),
         "devices": sorted({p.device.type for p in ctx.model.parameters()}),
@@ -49,6 +49,7 @@ def verify(
     dense_model: nn.Module | None = None,
     process_group: Any = None,
     checks: Iterable[str] | None = None,
+    adapter: str | os.PathLike | None = None,
     memory: tuple[MemoryRecord, Bound] | None = None,
     environment_extra: dict[str, Any] | None = None,
 ) -> Report:
@@ -65,17 +66,25 @@ def verify(
         process_group: the group to check across (default: the world).
         checks: names to run (default: all): preflight, initialised, rank_parity,
             checkpoint_parity, tp_shards, tp_numerics, memory.
+        adapter: the PEFT adapter directory the model's adapters were loaded from; they are
+            then compared with its file instead of judged as a fresh init.
         memory: this rank's monitor record and bound, for the memory check and the report.
         environment_extra: more facts for the report's environment (strategy, TP degree).
 
     Returns:
         The report; ``report.ok`` is False when any check failed or errored.
 
+    Raises:
+        ValueError: an unknown check name, or an empty list of checks.
+
     Example:
         >>> report = smpcheck.verify(model, checkpoint="/ckpt/llama")  # doctest: +SKIP
         >>> assert report.ok, report.summary()
     """
-    names = list(checks or ALL_CHECKS)
+    names = list(ALL_CHECKS if checks is None else checks)
+    if not names:
+        raise ValueError("checks=[] runs nothing; pass None for all checks, or name some of "
+                         f"{list(ALL_CHECKS)}")
     unknown = [n for n in names if n not in ALL_CHECKS]
     if unknown:
         raise ValueError(f"unknown checks {unknown}; known: {list(ALL_CHECKS)}")
@@ -85,12 +94,14 @@ def verify(
         dense_model,
         process_group,
         {"memory": memory} if memory else {},
+        adapter=Path(adapter) if adapter else None,
+        checks=tuple(names),
     )
-    results = [gather_result(ctx, run_check(ALL_CHECKS[n](), ctx)) for n in names]
-    gathered = [g for g in ctx.options.get("memory_gathered", []) if g is not None]
-    memory_data = {"ranks": [r for r, _ in gathered], "bounds": [b for _, b in gathered]}
+    run = run_checks(ctx, [ALL_CHECKS[n]() for n in names])
     return Report(
-        results, {**environment(ctx), **(environment_extra or {})}, memory_data if gathered else {}
+        run.results,
+        {**environment(ctx, run.hosts), **(environment_extra or {})},
+        memory_data(run.gathered["memory"]) if "memory" in run.gathered else {},
     )
 
 

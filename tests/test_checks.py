@@ -211,72 +211,6 @@ def test_preflight_names_structure_differences(ranks, checkpoints, fault, senten
     assert sentence in texts[0]
 
 
-def phi3_packed(path: str, correct: bool) -> dict:
-    """Fused [q|k|v] and [gate|up] weights split as one block (wrong) or per block (right)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path)
-    full = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mesh = init_device_mesh("cpu", (2,))
-    plan = {
-        "model.layers.*.self_attn.qkv_proj": ColwiseParallel(),
-        "model.layers.*.mlp.gate_up_proj": ColwiseParallel(),
-    }
-    parallelize_module(model, mesh, plan)
-    if correct:
-        from smpcheck.checks.tp import PACKED_LAYOUTS, _blockwise
-
-        rank = dist.get_rank()
-        for name, param in model.named_parameters():
-            for pattern, sizes in PACKED_LAYOUTS.items():
-                import re
-
-                if re.search(pattern, name):
-                    block = _blockwise(full[name], sizes(model.config), 2, rank)
-                    param.to_local().detach().copy_(block)
-    report = smpcheck.verify(model, checkpoint=path, checks=["tp_shards", "checkpoint_parity"])
-    return {
-        r.name: (r.status.value, [(f.tensor, f.hint) for f in r.errors]) for r in report.results
-    }
-
-
-@pytest.fixture(scope="module")
-def phi3_checkpoint(tmp_path_factory):
-    import transformers as T
-
-    from tests.models import write_checkpoint
-
-    config = T.Phi3Config(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    return write_checkpoint(config, tmp_path_factory.mktemp("phi3") / "phi3")
-
-
-def test_packed_qkv_split_as_one_block_is_caught(ranks, phi3_checkpoint) -> None:
-    out = ranks(phi3_packed, 2, args=(str(phi3_checkpoint), False))[1]
-    status, findings = out["tp_shards"]
-    assert status == "fail"
-    names = {n for n, _ in findings}
-    assert names == {
-        "model.layers.0.self_attn.qkv_proj.weight",
-        "model.layers.0.mlp.gate_up_proj.weight",
-    }
-    assert all("split as one block" in hint for _, hint in findings)
-    assert ranks(phi3_packed, 2, args=(str(phi3_checkpoint), True))[1] == {
-        "tp_shards": ("pass", []),
-        "checkpoint_parity": ("pass", []),
-    }
-
-
 def hf_tp_plan(path: str) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -290,10 +224,12 @@ def test_transformers_own_tp_plan_is_judged(ranks, checkpoints) -> None:
     statuses = ranks(hf_tp_plan, 2, args=(str(checkpoints["llama-gqa-untied"]),))[0]
     assert statuses == {
         "preflight": "pass",
+        "config_parity": "pass",
         "initialised": "pass",
         "rank_parity": "pass",
         "checkpoint_parity": "pass",
         "tp_shards": "pass",
+        "forward": "pass",
         "tp_numerics": "pass",
         "memory": "skip",
     }
@@ -321,26 +257,54 @@ def test_hypothesis_random_faults_are_all_found(
     assert any(out["target"] in name and bad_rank in r for name, r in found), out["summary"]
 
 
-def accelerate_prepared(path: str, plant_on_rank1: bool) -> dict:
+def accelerate_prepared(path: str, plant_on_rank1: bool, checks: list[str] | None = None) -> dict:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     model = Accelerator(cpu=True).prepare(AutoModelForCausalLM.from_pretrained(path))
     if plant_on_rank1 and dist.get_rank() == 1:
         plant(model.module, "model.layers.1.mlp.up_proj.weight", "bitflip")
-    report = smpcheck.verify(model, checkpoint=path)
+    report = smpcheck.verify(model, checkpoint=path, checks=checks)
     return {"wrapper": type(model).__name__, "ok": report.ok,
             "failed": {r.name: [(f.tensor, f.ranks) for f in r.errors]
-                       for r in report.results if r.status.value == "fail"}}
+                       for r in report.results if r.status.value == "fail"},
+            "parity": report.result("checkpoint_parity").message}
 
 
 def test_accelerate_prepared_model_is_judged(ranks, checkpoints) -> None:
     path = str(checkpoints["llama-gqa-tied"])
     clean = ranks(accelerate_prepared, 2, args=(path, False))[0]
-    assert clean == {"wrapper": "DistributedDataParallel", "ok": True, "failed": {}}
+    assert (clean["wrapper"], clean["ok"], clean["failed"]) == ("DistributedDataParallel", True,
+                                                                  {})
     planted = ranks(accelerate_prepared, 2, args=(path, True))[0]
     assert planted["failed"]["rank_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]
-    assert planted["failed"]["checkpoint_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]
+    # Alone, checkpoint parity compares every replica on its own rank and names the fault too.
+    alone = ranks(accelerate_prepared, 2, args=(path, True, ["checkpoint_parity"]))[0]
+    assert alone["failed"]["checkpoint_parity"] == [("model.layers.1.mlp.up_proj.weight", [1])]
+
+
+def replicas_read_once(path: str) -> dict:
+    """DDP replicas: with rank parity alongside, each replica is read by one rank only."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from smpcheck.checkpoint import Checkpoint
+
+    model = Accelerator(cpu=True).prepare(AutoModelForCausalLM.from_pretrained(path))
+    both = smpcheck.verify(model, checkpoint=path, checks=["rank_parity", "checkpoint_parity"])
+    alone = smpcheck.verify(model, checkpoint=path, checks=["checkpoint_parity"])
+    return {"both": both.result("checkpoint_parity").message,
+            "alone": alone.result("checkpoint_parity").message,
+            "model_bytes": Checkpoint(path).sizes().total}
+
+
+def test_replicas_split_the_checkpoint_reads_between_ranks(ranks, checkpoints) -> None:
+    out = ranks(replicas_read_once, 2, args=(str(checkpoints["llama-gqa-untied"]),))[0]
+    from smpcheck.units import human_bytes
+
+    total = human_bytes(out["model_bytes"])
+    assert f"{total} in all" in out["both"], out  # the model read once across both ranks
+    assert f"read {total} on the busiest rank" in out["alone"], out
 
 
 def checkpoint_missing_on_rank1(path: str, missing: str) -> dict:

@@ -1,121 +1,91 @@
-"""checkpoint parity: what every rank holds equals the safetensors files on disk.
+"""checkpoint parity: what every rank holds equals the files its expected value comes from.
 
-Each rank compares its own pieces (whole tensors, DTensor shards, FSDP1 flat ranges) with the
-matching part of the checkpoint tensor, read lazily one tensor at a time. A model tensor the
-checkpoint lacks is missing (unless the config ties it to one it has); a checkpoint tensor no
-rank used is unexpected (a warning); a dtype cast between file and model is stated.
+Each rank compares the pieces it holds (whole tensors, DTensor shards, FSDP1 flat ranges) with
+the bytes of the checkpoint those pieces should hold, read as safetensors slices in the one pass
+of :mod:`smpcheck.expected`. A tensor with no source is missing; a checkpoint tensor no rank
+used is unexpected (a warning: ``lm_head`` under a classification head); a dtype cast between
+file and model is stated, and so are the bytes each rank read.
 """
 
 from __future__ import annotations
 
-import torch
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
-from smpcheck.checkpoint import Checkpoint
-from smpcheck.checks.base import CheckContext, describe_diff, present, result
-from smpcheck.checks.skeleton import expected_tie_groups
-from smpcheck.checks.tp import expected_slice
+from smpcheck.checks.base import CheckContext, Skip, merge_findings, ranked, result
+from smpcheck.expected import FUSED, MISSING
 from smpcheck.report.model import CheckResult, Finding
+from smpcheck.units import human_bytes
 
 HINT = (
     "this rank's value is not the checkpoint's: check that rank 0 loaded this checkpoint "
     "and that it reached every rank (sync_module_states / broadcast_from_rank0)"
 )
+_LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
-def _tie_partners(ctx: CheckContext) -> dict[str, list[str]]:
-    partners: dict[str, list[str]] = {}
-    for group in expected_tie_groups(ctx.inner):
-        for name in group:
-            partners[name] = sorted(group - {name})
-    return partners
+@dataclass
+class Summary:
+    findings: list[Finding]
+    unused: set[str]  # checkpoint keys this rank's tensors do not stand for
+    casts: set[str]
+    compared: int
+    bytes_read: int
+    sources: dict[str, list[str]] = field(default_factory=dict)  # tensor group -> sources
+
+
+def source_groups(sources: list[tuple[Any, Any]]) -> dict[str, list[str]]:
+    """Tensor groups (layer numbers folded into ``*``) -> the kinds of source they have."""
+    groups: dict[str, Counter] = {}
+    for piece, source in sources:
+        group = _LAYER_INDEX.sub(".*.", piece.name)
+        groups.setdefault(group, Counter())[source.kind] += 1
+    return {g: sorted(kinds) for g, kinds in groups.items()}
 
 
 class CheckpointParity:
     name = "checkpoint_parity"
-    gathers = 1
 
-    def run(self, ctx: CheckContext) -> CheckResult:
+    def summarize(self, ctx: CheckContext) -> Summary | Skip:
         if ctx.checkpoint is None:
-            return result(self.name, [], "", skip="no checkpoint given (checkpoint=PATH)")
-        ckpt, prefix = ctx.checkpoint_reader
-        partners = _tie_partners(ctx)
-        findings: list[Finding] = []
-        used: set[str] = set()
-        casts: set[str] = set()
-        compared = 0
-        for piece in ctx.pieces():
-            if not piece.persistent:
-                continue  # non-persistent buffers are in no checkpoint: see `initialised`
-            tied_keys = [ckpt.key_for(p, prefix) for p in partners.get(piece.name, [])]
-            used.update(k for k in tied_keys if k)
-            key = ckpt.key_for(piece.name, prefix) or next((k for k in tied_keys if k), None)
-            if key is None:
-                findings.append(_not_in_checkpoint(ckpt, piece.name, ctx.rank))
-                continue
-            used.add(key)
-            full = ckpt.read(key)
-            if full.dtype != piece.data.dtype:
-                casts.add(
-                    f"{str(full.dtype).replace('torch.', '')} -> "
-                    f"{str(piece.data.dtype).replace('torch.', '')}"
-                )
-                full = full.to(piece.data.dtype)
-            expected = expected_slice(piece, full, ctx.config)
-            compared += 1
-            if (
-                piece.data.is_meta
-                or expected.shape != piece.data.shape
-                or not torch.equal(piece.data, expected.to(piece.data.device))
-            ):
-                want, seen, detail = (
-                    describe_diff(piece.data, expected)
-                    if not (piece.data.is_meta)
-                    else ("values", "meta", "on the meta device")
-                )
-                findings.append(
-                    Finding(
-                        piece.name,
-                        [ctx.rank],
-                        f"{piece.where()} differs from checkpoint key {key!r} ({detail})",
-                        want,
-                        seen,
-                        HINT,
-                    )
-                )
-        used_anywhere = set().union(*present(ctx.all_gather(used)))
-        unexpected = sorted(set(ckpt.files) - used_anywhere - set(ckpt.fused_keys))
-        if ctx.rank == 0:
-            findings += [
-                Finding(
-                    k,
-                    [0],
-                    "in the checkpoint but used by no tensor of the model",
-                    hint="a renamed or dropped weight: is it the right checkpoint?",
-                    severity="warning",
-                )
-                for k in unexpected
-            ]
-        cast_words = f"; dtype cast before comparing: {', '.join(sorted(casts))}" if casts else ""
-        words = f"{compared} pieces compared with {ckpt.path.name}{cast_words}"
-        return result(
-            self.name,
-            findings,
-            f"{words}: all equal",
-            f"{words}: {sum(f.severity == 'error' for f in findings)} problems",
-        )
+            return Skip("no checkpoint given (checkpoint=PATH)")
+        expectations = ctx.expectations
+        sources, comparisons = ctx.one_pass
+        findings = [
+            Finding(c.name, [ctx.rank], f"{c.where} differs from {c.source.words()} "
+                    f"({c.detail})", c.want, c.seen, HINT)
+            for c in comparisons if not c.equal
+        ]
+        for piece, source in sources:
+            if source.kind == MISSING:
+                findings.append(Finding(piece.name, [ctx.rank], source.note,
+                                        hint="this tensor kept its initial value: it was "
+                                        "never loaded"))
+            elif source.kind == FUSED:
+                findings.append(Finding(piece.name, [ctx.rank], f"{source.note}; not compared "
+                                        "one-to-one", severity="warning"))
+        ckpt = expectations.checkpoint
+        unused = set(ckpt.files) - expectations.used - set(ckpt.fused_keys)
+        return Summary(findings, unused, expectations.casts, len(comparisons),
+                       expectations.bytes_read, source_groups(sources))
 
-
-def _not_in_checkpoint(ckpt: Checkpoint, name: str, rank: int) -> Finding:
-    if ckpt.is_fused_target(name):
-        return Finding(
-            name,
-            [rank],
-            "built on load from several checkpoint tensors (fused); not compared one-to-one",
-            severity="warning",
-        )
-    return Finding(
-        name,
-        [rank],
-        "in the model but not in the checkpoint",
-        hint="this tensor kept its initial value: it was never loaded",
-    )
+    def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
+        present = ranked(summaries)
+        findings = merge_findings([s.findings for _, s in present])
+        unexpected = set.intersection(*(s.unused for _, s in present))
+        findings += [
+            Finding(key, [r for r, _ in present], "in the checkpoint but used by no tensor of "
+                    "the model", hint="a renamed or dropped weight, or a head this model does "
+                    "not have: is it the right checkpoint?", severity="warning")
+            for key in sorted(unexpected)
+        ]
+        casts = sorted(set().union(*(s.casts for _, s in present)))
+        cast_words = f"; dtype cast before comparing: {', '.join(casts)}" if casts else ""
+        read = [s.bytes_read for _, s in present]
+        words = (f"{sum(s.compared for _, s in present)} pieces compared with the files"
+                 f"{cast_words}; read {human_bytes(max(read))} on the busiest rank, "
+                 f"{human_bytes(sum(read))} in all")
+        errors = sum(f.severity == "error" for f in findings)
+        return result(self.name, findings, f"{words}: all equal", f"{words}: {errors} problems")

@@ -4,116 +4,87 @@ Uninitialised memory is usually finite and often small (FastPLMs#47: ``inv_freq[
 6.93e-18 instead of 1.0), so a NaN scan alone misses it. What this check can see without a
 checkpoint: meta tensors, NaN/Inf, magnitudes no trained weight has, and every
 non-persistent buffer compared bit for bit with a fresh computation from the config. Values of
-parameters are judged against the checkpoint by ``checkpoint_parity``.
+parameters are judged against their sources by ``checkpoint_parity`` and ``fresh_init``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from smpcheck.checks.base import CheckContext, describe_diff, result
-from smpcheck.checks.skeleton import expected_buffers, expected_tie_groups
+from smpcheck.checks.base import CheckContext, LocalFindings, judge_local
 from smpcheck.pieces import observed_tie_groups
 from smpcheck.report.model import CheckResult, Finding
+from smpcheck.skeleton import buffers_of, skeleton
+from smpcheck.tensors import describe_diff, tie_groups
 
 # No trained weight comes near this; to_empty garbage often does (1e30s are common).
 IMPLAUSIBLE_MAGNITUDE = 1e6
+BUFFER_HINT = ("recompute it after materialising (e.g. model._init_weights on its module) or "
+               "broadcast it from rank 0; no state dict carries it")
 
 
 class Initialised:
     name = "initialised"
-    gathers = 0
 
-    def run(self, ctx: CheckContext) -> CheckResult:
-        rank = ctx.rank
+    def summarize(self, ctx: CheckContext) -> LocalFindings:
+        rank, view = ctx.rank, ctx.view
+        fresh = skeleton(view.base)
+        fresh_buffers = buffers_of(fresh)
         findings: list[Finding] = []
-        fresh_buffers = expected_buffers(ctx.inner)
         pieces = ctx.pieces()
         for piece in pieces:
             data = piece.data
             if data.is_meta:
-                findings.append(
-                    Finding(
-                        piece.name,
-                        [rank],
-                        "still on the meta device",
-                        hint="materialise it (param_init_fn, or to_empty + "
-                        "init + load) before training",
-                    )
-                )
+                findings.append(Finding(piece.name, [rank], "still on the meta device",
+                                        hint="materialise it (param_init_fn, or to_empty + "
+                                        "init + load) before training"))
                 continue
             if data.is_floating_point() and data.numel():
                 findings += _garbage(piece.name, data, rank)
-            expected = fresh_buffers.get(piece.name)
+            expected = fresh_buffers.get(view.base_name(piece.name)[0])
             if expected is not None and not piece.is_param:
                 expected = expected.to(data.device, data.dtype)
                 if data.shape != expected.shape or not torch.equal(data, expected):
                     want, seen, detail = describe_diff(data, expected)
-                    findings.append(
-                        Finding(
-                            piece.name,
-                            [rank],
-                            f"non-persistent buffer differs from a fresh "
-                            f"computation from the config ({detail})",
-                            want,
-                            seen,
-                            "recompute it after materialising (e.g. model._init_weights on its "
-                            "module) or broadcast it from rank 0; no state dict carries it",
-                        )
-                    )
-        findings += _broken_ties(ctx, rank)
-        checked = f"{len(pieces)} tensors, {len(fresh_buffers)} buffers recomputed from config"
-        return result(
-            self.name,
-            findings,
-            f"{checked}: all initialised",
-            f"{checked}: {len(findings)} problems",
-        )
+                    findings.append(Finding(piece.name, [rank], "non-persistent buffer differs "
+                                            "from a fresh computation from the config "
+                                            f"({detail})", want, seen, BUFFER_HINT))
+        expected_ties = [] if fresh is None else [{n for n, _, _ in g} for g in tie_groups(fresh)]
+        findings += _broken_ties(ctx, expected_ties)
+        return LocalFindings(findings, f"{len(pieces)} tensors, {len(fresh_buffers)} buffers "
+                             "recomputed from config")
+
+    def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
+        return judge_local(self.name, summaries, "all initialised")
 
 
 def _garbage(name: str, data: torch.Tensor, rank: int) -> list[Finding]:
     finite = torch.isfinite(data)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        return [
-            Finding(
-                name,
-                [rank],
-                f"{bad} of {data.numel()} values are NaN or Inf",
-                hint="uninitialised memory or a failed init; compare with the "
-                "checkpoint and re-run the init for this module",
-            )
-        ]
+        return [Finding(name, [rank], f"{bad} of {data.numel()} values are NaN or Inf",
+                        hint="uninitialised memory or a failed init; compare with the "
+                        "checkpoint and re-run the init for this module")]
     peak = float(data.abs().max())
     if peak > IMPLAUSIBLE_MAGNITUDE:
-        return [
-            Finding(
-                name,
-                [rank],
-                f"holds values up to {peak:.3g}, beyond any trained weight",
-                f"|x| <= {IMPLAUSIBLE_MAGNITUDE:g}",
-                f"{peak:.3g}",
-                "uninitialised memory (to_empty without an init or a load?)",
-            )
-        ]
+        return [Finding(name, [rank], f"holds values up to {peak:.3g}, beyond any trained weight",
+                        f"|x| <= {IMPLAUSIBLE_MAGNITUDE:g}", f"{peak:.3g}",
+                        "uninitialised memory (to_empty without an init or a load?)")]
     return []
 
 
-def _broken_ties(ctx: CheckContext, rank: int) -> list[Finding]:
-    observed = observed_tie_groups(ctx.model)
+def _broken_ties(ctx: CheckContext, expected: list[set[str]]) -> list[Finding]:
+    """Tie groups of the config (base-model names) that are not one tensor on this rank."""
+    observed = [{ctx.view.base_name(n)[0] for n in group}
+                for group in observed_tie_groups(ctx.model)]
     findings = []
-    for group in expected_tie_groups(ctx.inner):
+    for group in expected:
         if not any(group <= seen for seen in observed):
-            names = sorted(group)
-            findings.append(
-                Finding(
-                    " = ".join(names),
-                    [rank],
-                    "tied by the config but not one shared tensor "
-                    "(equal values are not enough: gradients reach only one of them)",
-                    "one shared Parameter",
-                    "separate tensors",
-                    "call model.tie_weights() after to_empty/materialisation, before wrapping",
-                )
-            )
+            findings.append(Finding(
+                " = ".join(sorted(group)), [ctx.rank],
+                "tied by the config but not one shared tensor (equal values are not enough: "
+                "gradients reach only one of them)", "one shared Parameter", "separate tensors",
+                "call model.tie_weights() after to_empty/materialisation, before wrapping"))
     return findings

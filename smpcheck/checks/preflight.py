@@ -2,19 +2,18 @@
 
 FSDP1's flat-parameter broadcast dies inside gloo ("Received data size doesn't match expected
 size") when one rank's parameter list differs, e.g. a tie that holds on rank 0 and not on
-rank 1. Here every rank exchanges one small digest of its structure (names, shapes, dtypes,
-requires_grad, tie groups) and its device types; only when they differ are the full
-structures gathered, and the first differences named, rank by rank.
+rank 1. Here every rank sends its structure (names, shapes, dtypes, requires_grad, placements,
+tie groups, device types: O(tensors), never values) in the framework's one gather, and the
+first differences from the lowest rank are named, rank by rank.
 """
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
-import xxhash
 from torch import nn
 
-from smpcheck.checks.base import CheckContext, result
+from smpcheck.checks.base import CheckContext, merge_findings, ranked, result
 from smpcheck.pieces import fsdp1_full_shapes, observed_tie_groups
 from smpcheck.report.model import CheckResult, Finding
 from smpcheck.tensors import clean_name
@@ -96,29 +95,24 @@ def _hint(problem: str) -> str:
 
 class Preflight:
     name = "preflight"
-    gathers = 1  # a second, only when every rank sent a summary and they differ
 
-    def run(self, ctx: CheckContext) -> CheckResult:
-        mine = structure(ctx.model)
-        key = xxhash.xxh3_64_hexdigest(json.dumps([mine["tensors"], mine["ties"]]).encode())
-        summaries = ctx.all_gather((key, mine["devices"]))
-        if any(s is None for s in summaries):  # a rank could not describe itself: no 2nd round
-            missing = [r for r, s in enumerate(summaries) if s is None]
-            return result(self.name, [], "", skip=f"ranks {missing} could not describe "
-                          "their structure (their error is in this check's result)")
-        devices = {tuple(d) for _, d in summaries if d}
-        count = f"{len(mine['tensors'])} tensors, {len(mine['ties'])} tie groups"
-        if len({k for k, _ in summaries}) == 1 and len(devices) <= 1:
-            return result(self.name, [], f"{count}: identical on all {ctx.world_size} ranks")
-        structures = ctx.all_gather(mine)  # only on a mismatch: O(tensors) per rank
-        findings = []
-        differences = _differences(structures[0], mine) if ctx.rank else []
-        for tensor, problem, base, here in differences[:MAX_DIFFERENCES_PER_RANK]:
-            findings.append(Finding(tensor, [ctx.rank], problem, base, here, _hint(problem)))
-        listed = (
-            f" ({len(differences)} differences on rank {ctx.rank}, the first "
-            f"{MAX_DIFFERENCES_PER_RANK} listed)"
-            if len(differences) > MAX_DIFFERENCES_PER_RANK
-            else ""
-        )
-        return result(self.name, findings, "", f"{count}: structure differs across ranks{listed}")
+    def summarize(self, ctx: CheckContext) -> dict:
+        return structure(ctx.model)
+
+    def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
+        present = ranked(summaries)
+        base_rank, base = present[0]
+        count = f"{len(base['tensors'])} tensors, {len(base['ties'])} tie groups"
+        findings, listed = [], ""
+        for rank, mine in present[1:]:
+            differences = _differences(base, mine)
+            for tensor, problem, want, here in differences[:MAX_DIFFERENCES_PER_RANK]:
+                findings.append(Finding(tensor, [rank], problem, want, here, _hint(problem)))
+            if len(differences) > MAX_DIFFERENCES_PER_RANK and not listed:
+                listed = (f" ({len(differences)} differences on rank {rank}, the first "
+                          f"{MAX_DIFFERENCES_PER_RANK} listed)")
+        findings = merge_findings([[f] for f in findings])
+        if not findings:
+            return result(self.name, [], f"{count}: identical on all {len(summaries)} ranks")
+        return result(self.name, findings, "", f"{count}: structure differs across ranks"
+                      f"{listed} (compared with rank {base_rank})")

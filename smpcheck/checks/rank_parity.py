@@ -3,15 +3,16 @@
 Replicas are pieces with the same ``replica_key``: a replicated tensor on every rank, a TP
 shard on every data-parallel replica with the same TP coordinate, an HSDP shard across
 replica groups. Each rank digests its pieces where they live (xxhash on the host, torch ops on
-the GPU) and all-gathers the digests: O(number of tensors) traffic, never weights. One flipped
-bit changes a digest.
+the GPU); only digests travel: O(number of tensors), never weights. One flipped bit changes a
+digest.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
-from smpcheck.checks.base import CheckContext, result
+from smpcheck.checks.base import CheckContext, ranked, result
 from smpcheck.digest import digest
 from smpcheck.report.model import CheckResult, Finding
 
@@ -23,14 +24,13 @@ HINT = (
 
 class RankParity:
     name = "rank_parity"
-    gathers = 1
 
-    def run(self, ctx: CheckContext) -> CheckResult:
-        mine = [(p.replica_key, p.where(), digest(p.data)) for p in ctx.pieces()]
+    def summarize(self, ctx: CheckContext) -> list[tuple[tuple, str, str]]:
+        return [(p.replica_key, p.where(), digest(p.data)) for p in ctx.pieces()]
+
+    def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
         groups: dict[tuple, list[tuple[int, str, str]]] = defaultdict(list)
-        for rank, entries in enumerate(ctx.all_gather(mine)):
-            if entries is None:  # that rank's check failed; it reports its own error
-                continue
+        for rank, entries in ranked(summaries):
             for key, where, value in entries:
                 groups[key].append((rank, where, value))
         findings, compared = [], 0
@@ -41,27 +41,13 @@ class RankParity:
             ref_rank, where, ref = members[0]
             differ = [rank for rank, _, value in members[1:] if value != ref]
             if differ:
-                findings.append(
-                    Finding(
-                        key[0],
-                        differ,
-                        f"{where} differs from rank {ref_rank}'s",
-                        f"rank {ref_rank}'s digest",
-                        "a different digest",
-                        HINT,
-                    )
-                )
+                findings.append(Finding(key[0], differ, f"{where} differs from rank "
+                                        f"{ref_rank}'s", f"rank {ref_rank}'s digest",
+                                        "a different digest", HINT))
         unique = len(groups) - compared
-        words = (
-            f"{compared} replicated pieces compared across {ctx.world_size} ranks "
-            f"({unique} pieces have no replica: judged by checkpoint parity)"
-        )
         if compared == 0:
-            return result(
-                self.name,
-                [],
-                "",
-                skip=f"no tensor is replicated across ranks "
-                f"({unique} unique shards): nothing to compare",
-            )
+            return result(self.name, [], "", skip=f"no tensor is replicated across ranks "
+                          f"({unique} unique shards): nothing to compare")
+        words = (f"{compared} replicated pieces compared across {len(summaries)} ranks "
+                 f"({unique} pieces have no replica: judged by checkpoint parity)")
         return result(self.name, findings, words, f"{words}: {len(findings)} differ")

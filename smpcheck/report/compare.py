@@ -10,7 +10,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from smpcheck.checks.memory import UNBOUNDED_PHASE
+from smpcheck.phases import bounded
 from smpcheck.report.model import Report
 
 MIB = 2**20
@@ -23,7 +23,7 @@ def summarize(strategy: str, report: Report) -> dict[str, Any]:
     per_rank = []
     ready_s = 0.0
     for record in records:
-        phases = [p for p in record["phases"] if p["name"] != UNBOUNDED_PHASE]
+        phases = bounded(record["phases"])
         peak = max((p["peak_anon"] for p in phases), default=record["baseline_anon"])
         per_rank.append({"rank": record["rank"], "peak": peak,
                          "above_baseline": peak - record["baseline_anon"]})

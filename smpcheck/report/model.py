@@ -57,6 +57,8 @@ class CheckResult:
     message: str
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
+    # What raised, when something did: kept for the JSON report; the user sees ``message``.
+    traceback: str = ""
 
     @property
     def errors(self) -> list[Finding]:
@@ -114,6 +116,7 @@ class Report:
                 message=r["message"],
                 findings=[Finding(**f) for f in r["findings"]],
                 seconds=r.get("seconds", 0.0),
+                traceback=r.get("traceback", ""),
             )
             for r in data["results"]
         ]

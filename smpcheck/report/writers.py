@@ -12,7 +12,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from smpcheck.checks.memory import UNBOUNDED_PHASE
+from smpcheck.phases import bounded
 from smpcheck.report.chart import memory_svg
 from smpcheck.report.model import Report, Status
 
@@ -24,7 +24,7 @@ def _memory_rows(memory: dict) -> list[dict]:
     rows = []
     for record in memory.get("ranks", []):
         phases = record.get("phases", [])
-        worst = max((p for p in phases if p["name"] != UNBOUNDED_PHASE),
+        worst = max(bounded(phases),
                     key=lambda p: p["peak_anon"], default=None)
         bound = bounds.get(record["rank"])
         peak = worst["peak_anon"] if worst else record["baseline_anon"]

@@ -1,4 +1,4 @@
-"""A fresh computation from the config: the model's architecture with parameters on meta and
+"""A fresh computation from a config: the model's architecture with parameters on meta and
 buffers computed for real (rotary ``inv_freq`` with the model's own rope settings), ties as
 the config declares them. Cheap (no weights are allocated) and independent of whatever
 initialised the model under test.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -24,7 +25,7 @@ def model_class(model: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=8)
 def _skeleton_for(cls: type[nn.Module], config_cls: type, config_json: str) -> nn.Module:
     config = config_cls.from_dict(json.loads(config_json))
     with init_empty_weights():
@@ -33,17 +34,21 @@ def _skeleton_for(cls: type[nn.Module], config_cls: type, config_json: str) -> n
     return skeleton
 
 
+def skeleton_of(cls: type[nn.Module], config: Any) -> nn.Module:
+    """A meta-parameter, real-buffer model of class ``cls`` built from ``config``."""
+    return _skeleton_for(cls, type(config), config.to_json_string(use_diff=False))
+
+
 def skeleton(model: nn.Module) -> nn.Module | None:
     """A meta-parameter, real-buffer copy of ``model``'s architecture; None without config."""
     cls, config = model_class(model), getattr(model, "config", None)
     if cls is None or config is None:
         return None
-    return _skeleton_for(cls, type(config), config.to_json_string(use_diff=False))
+    return skeleton_of(cls, config)
 
 
-def expected_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Non-persistent buffers (in no state dict) as a fresh model computes them, by name."""
-    fresh = skeleton(model)
+def buffers_of(fresh: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (in no state dict) of a skeleton, by name."""
     if fresh is None:
         return {}
     out = {}
@@ -53,11 +58,3 @@ def expected_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
             if buf is not None and not buf.is_meta:
                 out[f"{module_name}.{attr}" if module_name else attr] = buf
     return out
-
-
-def expected_tie_groups(model: nn.Module) -> list[set[str]]:
-    """Parameter names the config says must share one tensor."""
-    from smpcheck.tensors import tie_groups
-
-    fresh = skeleton(model)
-    return [] if fresh is None else [{n for n, _, _ in g} for g in tie_groups(fresh)]

@@ -1,0 +1,158 @@
+"""config parity: the config each rank runs with is the checkpoint's ``config.json``, the same
+on every rank, and the buffers computed from it are the ones the model holds.
+
+A field lost or changed between ``config.json`` and the config object the model runs with (a
+loader or a save/reload round trip drops ``rope_scaling``, say) leaves the rotary buffers
+computed from the wrong config; ``initialised`` recomputes them from that same wrong config and
+agrees. Here the file is loaded through the running config's own class (so defaults that
+transformers fills in on load, and its renames of old fields, are the same on both sides) and
+compared field by field; the buffers are recomputed from the file's config and compared too.
+
+Which differences are benign is read off the class hierarchy, not listed by hand: fields that
+every ``PretrainedConfig`` has (provenance, output switches, label names, dtype) steer loading
+and outputs, not the architecture's math, so they are warnings (dtype not even that when it is
+the parameters' own dtype); fields the model's own config class declares are errors, except
+``use_cache``, a runtime switch that training loops flip (gradient checkpointing turns it off).
+Fields whose names start with ``_`` are transformers' runtime internals (attention kernel).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from smpcheck.checks.base import CheckContext, Skip, merge_findings, ranked, result
+from smpcheck.report.model import CheckResult, Finding
+from smpcheck.skeleton import buffers_of, model_class, skeleton_of
+
+PROVENANCE = ("_name_or_path", "transformers_version")  # where and by which version it was saved
+RUNTIME_SWITCHES = ("use_cache",)
+DRIFT_HINT = ("the config the model runs with lost or changed this field on the way from "
+              "config.json: load the config from the checkpoint unchanged (or pass the same "
+              "override on every rank), then rebuild the model and its buffers")
+
+
+@dataclass
+class Summary:
+    fields: dict[str, Any]  # this rank's running config, flattened to dotted names
+    findings: list[Finding]  # this rank's differences from config.json
+    compared_with_file: bool
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts (``rope_parameters``, ``text_config``) as dotted field names."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.loads(json.dumps(value, default=str))  # JSON-equal, picklable
+    return out
+
+
+def _generic_fields() -> set[str]:
+    from transformers import PretrainedConfig
+
+    return set(PretrainedConfig().to_dict())
+
+
+def classify(field: str, generic: set[str]) -> str | None:
+    """"error", "warning", or None (not worth a word) for a field whose values differ."""
+    top = field.split(".")[0]
+    if top in PROVENANCE or top.startswith("_"):
+        return None
+    if top in generic or top in RUNTIME_SWITCHES:
+        return "warning"
+    return "error"
+
+
+def differences(want: dict[str, Any], seen: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, value in ``want``, value in ``seen``) for every field that differs; a field
+    one side lacks is ``"(absent)"`` there."""
+    absent = "(absent)"
+    return [(f, want.get(f, absent), seen.get(f, absent))
+            for f in sorted(set(want) | set(seen)) if want.get(f, absent) != seen.get(f, absent)]
+
+
+def _param_dtype(model: torch.nn.Module) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
+
+
+class ConfigParity:
+    name = "config_parity"
+
+    def summarize(self, ctx: CheckContext) -> Summary | Skip:
+        config = ctx.config
+        if config is None or not hasattr(config, "to_dict"):
+            return Skip("not a transformers model: it has no config to compare")
+        running = flatten(config.to_dict())
+        folder = ctx.checkpoint
+        if folder is not None and not folder.is_dir():  # a single .safetensors file
+            folder = folder.parent
+        if folder is None or not (folder / "config.json").exists():
+            return Summary(running, [], False)
+        saved = type(config).from_pretrained(folder)
+        findings = self._field_findings(ctx, flatten(saved.to_dict()), running)
+        findings += self._buffer_findings(ctx, saved, findings)
+        return Summary(running, findings, True)
+
+    def _field_findings(self, ctx: CheckContext, saved: dict, running: dict) -> list[Finding]:
+        generic = _generic_fields()
+        dtype = _param_dtype(ctx.view.base)
+        findings = []
+        for field, want, seen in differences(saved, running):
+            severity = classify(field, generic)
+            if severity is None or (field in ("dtype", "torch_dtype") and seen == dtype):
+                continue
+            findings.append(Finding(
+                f"config.{field}", [ctx.rank],
+                "differs from the checkpoint's config.json" if severity == "error" else
+                "differs from config.json (a loading or output setting: the math is unchanged)",
+                json.dumps(want), json.dumps(seen), DRIFT_HINT if severity == "error" else "",
+                severity))
+        return findings
+
+    def _buffer_findings(self, ctx: CheckContext, saved: Any,
+                         field_findings: list[Finding]) -> list[Finding]:
+        cls = model_class(ctx.view.base)
+        if cls is None:
+            return []
+        expected = buffers_of(skeleton_of(cls, saved))
+        fields = [f.tensor for f in field_findings if f.severity == "error"]
+        because = (f"computed from a config whose {', '.join(fields)} differ from config.json"
+                   if fields else "not what config.json computes")
+        findings = []
+        for piece in ctx.pieces():
+            want = expected.get(ctx.view.base_name(piece.name)[0])
+            if want is None or piece.is_param or piece.data.is_meta:
+                continue
+            want = want.to(piece.data.device, piece.data.dtype)
+            if want.shape != piece.data.shape or not torch.equal(want, piece.data):
+                findings.append(Finding(piece.name, [ctx.rank], f"buffer {because}",
+                                        hint=DRIFT_HINT))
+        return findings
+
+    def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
+        present = ranked(summaries)
+        base_rank, base = present[0]
+        findings = merge_findings([s.findings for _, s in present])
+        across: dict[tuple, list[int]] = {}
+        for rank, summary in present[1:]:
+            for field, want, seen in differences(base.fields, summary.fields):
+                if classify(field, _generic_fields()) is not None:
+                    across.setdefault((field, json.dumps(want), json.dumps(seen)), []).append(rank)
+        findings += [Finding(f"config.{field}", ranks, f"differs from rank {base_rank}'s config",
+                             want, seen, "every rank must run the same config: build it from the "
+                             "same files with the same overrides")
+                     for (field, want, seen), ranks in across.items()]
+        with_file = any(s.compared_with_file for _, s in present)
+        words = (f"{len(base.fields)} fields compared across {len(summaries)} ranks"
+                 + (" and with config.json, buffers recomputed from it" if with_file else
+                    " (no config.json given: checkpoint=DIR compares with it)"))
+        errors = sum(f.severity == "error" for f in findings)
+        return result(self.name, findings, f"{words}: the same", f"{words}: {errors} differ")

@@ -1,0 +1,157 @@
+"""forward: the wrapped model runs one step on every rank and every rank computes the same.
+
+Shards can be the right slices and values the checkpoint's, and the first forward still
+crashes on a shape (a TP degree that splits a head), after the cluster allocation was spent.
+So one tiny batch goes through the model as the training loop will call it (FSDP1, FSDP2,
+TP, DDP: the forward is collective), in eval mode (no dropout: every rank must agree) and
+without gradients. It must run, give finite outputs of a shape the config explains, and agree
+across ranks (every rank fed the same batch computes the same logits, whatever it holds).
+With ``dense_model=``, a sample of the logits is compared with the dense model's too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from smpcheck.checks.base import CheckContext, LocalFindings, Skip, merge_findings, ranked, result
+from smpcheck.checks.tp import TOLERANCES, forward_error
+from smpcheck.report.model import CheckResult, Finding
+
+SAMPLE = 512  # logits sent per rank: enough to see a divergence, small to gather
+SEQUENCE = 16
+
+
+@dataclass
+class Prepared:
+    ids: torch.Tensor
+    device: torch.device
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Outputs:
+    shape: tuple[int, ...]
+    non_finite: int
+    sample: list[float]
+    dense_sample: list[float] | None
+    dtype: str
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every module in eval mode for the block (dropout off), each restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _logits(output: Any) -> torch.Tensor:
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(output, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _sample(logits: torch.Tensor) -> list[float]:
+    flat = logits.detach().float().reshape(-1)
+    step = max(1, flat.numel() // SAMPLE)
+    return flat[::step][:SAMPLE].cpu().tolist()
+
+
+def _widths(config: Any) -> dict[int, str]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out = {getattr(text, "hidden_size", -1): "hidden size"}
+    if getattr(config, "num_labels", None):
+        out[config.num_labels] = "num_labels"
+    out[getattr(text, "vocab_size", -1)] = "vocabulary"
+    return out
+
+
+class ForwardSmoke:
+    name = "forward"
+
+    def prepare(self, ctx: CheckContext) -> Prepared | Skip:
+        config = ctx.config
+        if config is None:
+            return Skip("not a transformers model: no config to build an input from")
+        if getattr(config, "is_encoder_decoder", False):
+            return Skip("an encoder-decoder model needs decoder inputs; not built here")
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text, "vocab_size", None)
+        if not vocab:
+            return Skip("the config names no vocabulary to draw input ids from")
+        device = next((p.device for p in ctx.model.parameters() if not p.is_meta), None)
+        if device is None:
+            return Skip("every parameter is on the meta device (see initialised)")
+        ids = torch.randint(0, vocab, (1, SEQUENCE), generator=torch.Generator().manual_seed(0))
+        kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
+        return Prepared(ids, device, kwargs)
+
+    def collective(self, ctx: CheckContext, prepared: Prepared) -> Outputs | LocalFindings:
+        with torch.no_grad(), eval_mode(ctx.model):
+            try:
+                logits = _logits(ctx.model(input_ids=prepared.ids.to(prepared.device),
+                                           **prepared.kwargs))
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                return forward_error(ctx, exc, "the wrapped model's forward")
+            dense = None
+            if ctx.dense_model is not None:
+                device = next(ctx.dense_model.parameters()).device
+                with eval_mode(ctx.dense_model):
+                    dense = _sample(_logits(ctx.dense_model(input_ids=prepared.ids.to(device),
+                                                            **prepared.kwargs)))
+        if hasattr(logits, "full_tensor"):  # a DTensor output: what the training loop sees
+            logits = logits.to_local()
+        return Outputs(tuple(logits.shape), int((~torch.isfinite(logits)).sum()),
+                       _sample(logits), dense, str(logits.dtype).removeprefix("torch."))
+
+    def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
+        present = ranked(summaries)
+        crashed = [s for _, s in present if isinstance(s, LocalFindings)]
+        if crashed:
+            return result(self.name, merge_findings([s.findings for s in crashed]), "",
+                          "the forward pass raised")
+        findings = []
+        base_rank, base = present[0]
+        widths = _widths(ctx.config)
+        for rank, out in present:
+            if out.non_finite:
+                findings.append(Finding("(logits)", [rank], f"{out.non_finite} outputs are NaN or "
+                                        "Inf", hint="a tensor holds garbage: see initialised"))
+            if out.shape[-1] not in widths:
+                findings.append(Finding("(logits)", [rank], f"outputs have shape {out.shape}, "
+                                        "whose last dimension is neither the vocabulary, the "
+                                        "labels nor the hidden size",
+                                        f"last dim in {sorted(widths)}", str(out.shape[-1]),
+                                        "a sharded head whose output is not gathered"))
+        atol, rtol = TOLERANCES.get(getattr(torch, base.dtype, None), (1e-4, 1e-4))
+        reference = torch.tensor(base.sample)
+        differ = [rank for rank, out in present[1:]
+                  if out.shape != base.shape or not torch.allclose(
+                      torch.tensor(out.sample), reference, atol=atol, rtol=rtol, equal_nan=True)]
+        if differ:
+            findings.append(Finding("(logits)", differ, f"differ from rank {base_rank}'s for the "
+                                    "same batch", hint="ranks hold different models: see "
+                                    "rank_parity and checkpoint_parity"))
+        dense = next((out.dense_sample for _, out in present if out.dense_sample), None)
+        if dense is not None and (len(dense) != len(base.sample) or not torch.allclose(
+                reference, torch.tensor(dense), atol=atol, rtol=rtol)):
+            gap = (reference - torch.tensor(dense)).abs().max().item() if len(dense) == len(
+                base.sample) else float("nan")
+            findings.append(Finding("(logits)", [base_rank], f"differ from the dense model's by "
+                                    f"up to {gap:.3g} (atol={atol:g})", hint="the wrapped model "
+                                    "computes something else than the dense model"))
+        words = (f"one batch of {SEQUENCE} tokens on {len(summaries)} ranks: outputs "
+                 f"{base.shape}, finite" + (", vs the dense model" if dense else ""))
+        return result(self.name, findings, f"{words}, the same on every rank",
+                      f"{words}: {sum(f.severity == 'error' for f in findings)} problems")

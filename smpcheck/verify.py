@@ -14,6 +14,7 @@ from torch import nn
 
 from smpcheck.checks import ALL_CHECKS, CheckContext
 from smpcheck.checks.base import run_checks
+from smpcheck.checks.checkpoint_parity import expected_data
 from smpcheck.checks.memory import memory_data
 from smpcheck.memory import Bound, MemoryRecord
 from smpcheck.report.model import Report
@@ -102,6 +103,7 @@ def verify(
         run.results,
         {**environment(ctx, run.hosts), **(environment_extra or {})},
         memory_data(run.gathered["memory"]) if "memory" in run.gathered else {},
+        expected_data(run.gathered.get("checkpoint_parity", []), run.hosts),
     )
 
 

@@ -89,3 +89,18 @@ class CheckpointParity:
                  f"{human_bytes(sum(read))} in all")
         errors = sum(f.severity == "error" for f in findings)
         return result(self.name, findings, f"{words}: all equal", f"{words}: {errors} problems")
+
+
+def expected_data(summaries: list[Any], hosts: list[str]) -> dict[str, Any]:
+    """The report's expected-values section: each tensor group's sources (every rank's
+    merged) and the bytes each rank read from the files, with its host."""
+    present = ranked(summaries)
+    if not present:
+        return {}
+    sources: dict[str, set[str]] = {}
+    for _, summary in present:
+        for group, kinds in summary.sources.items():
+            sources.setdefault(group, set()).update(kinds)
+    reads = [{"rank": r, "host": hosts[r] if r < len(hosts) else "", "bytes": s.bytes_read}
+             for r, s in present]
+    return {"sources": {g: sorted(k) for g, k in sorted(sources.items())}, "reads": reads}

@@ -72,6 +72,8 @@ class Report:
     results: list[CheckResult]
     environment: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    # Where each tensor group's expected value came from, and what each rank read for it.
+    expected: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -120,7 +122,8 @@ class Report:
             )
             for r in data["results"]
         ]
-        return cls(results, data.get("environment", {}), data.get("memory", {}))
+        return cls(results, data.get("environment", {}), data.get("memory", {}),
+                   data.get("expected", {}))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Report:

@@ -15,6 +15,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from smpcheck.phases import bounded
 from smpcheck.report.chart import memory_svg
 from smpcheck.report.model import Report, Status
+from smpcheck.units import human_bytes
 
 MIB = 2**20
 
@@ -50,6 +51,7 @@ def render_html(report: Report) -> str:
         loader=PackageLoader("smpcheck.report", "templates"),
         autoescape=select_autoescape(["html", "j2"]),
     )
+    env.filters["human_bytes"] = human_bytes
     data = report.to_dict()
     memory = report.memory or {}
     records = memory.get("ranks", [])
@@ -58,6 +60,7 @@ def render_html(report: Report) -> str:
         verdict="all checks passed" if report.ok else "checks failed",
         results=data["results"],
         env=report.environment,
+        expected=report.expected,
         chart=memory_svg(records, memory.get("bounds", [])),
         memory_rows=_memory_rows(memory),
         bounds=memory.get("bounds", []),

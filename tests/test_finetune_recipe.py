@@ -166,6 +166,41 @@ def test_lora_with_flat_parameters_fsdp1(ranks, untied) -> None:
     assert_recipe_correct(path, "lora-save-head", results)
 
 
+def run_with_trained_adapter(path: str, adapter: str, fsdp: str) -> dict:
+    """A trained adapter: rank 0 reads its weights, the others only its config."""
+    rank = dist.get_rank()
+    model = attach_adapter(load_on_rank0(path, rank=rank), adapter_dir=adapter, rank=rank)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    initer = DelayedParamIniter(model, device="cpu") if rank else None
+    apply = apply_fsdp1 if fsdp == "fsdp1" else apply_fsdp2
+    full = get_model_state_dict(apply(model, device="cpu", initer=initer),
+                                options=StateDictOptions(full_state_dict=True))
+    return {"lora": portable({n: t for n, t in full.items() if "lora_" in n}),
+            "trainable": trainable}
+
+
+@pytest.mark.parametrize("fsdp", ["fsdp1", "fsdp2"])
+def test_trained_adapter_reaches_every_rank(ranks, untied, tmp_path, fsdp) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    path = untied["llama-gqa-untied"]
+    trained = get_peft_model(load_on_rank0(path, rank=0),
+                             LoraConfig(r=4, target_modules=["gate_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.normal_()
+    trained.save_pretrained(tmp_path / "adapter")
+    on_disk = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    results = ranks(run_with_trained_adapter, 2, args=(str(path), str(tmp_path / "adapter"), fsdp))
+    for rank, res in enumerate(results):
+        lora = as_tensors(res["lora"])
+        assert len(lora) == len(on_disk) == 8, rank
+        for name, value in lora.items():
+            assert torch.equal(value, on_disk[name.replace(".default.", ".")]), (rank, name)
+        assert res["trainable"] == sorted(lora), "adapters train, base weights stay frozen"
+
+
 # -- config overrides reach the meta model -----------------------------------------------------
 
 def fsdp1_with_overrides(path: str) -> list[int]:

@@ -81,8 +81,6 @@ def test_trained_adapter_dir_with_fsdp2(tmp_path, ckpt) -> None:
                                                     "shard LoRA layers"),
     (["--lora", "r=4,targets=q_proj", "--peft", "x"], "--lora adds a new adapter and --peft "
                                                       "loads a trained one: pass one"),
-    (["--lora", "r=4,rank=8,targets=q_proj"], "--lora: unknown key 'rank'; use r, alpha"),
-    (["--lora", "alpha=8,targets=q_proj"], "--lora needs r (e.g. r=8,alpha=16"),
     (["--lora", "r=4,targets=q_proj,qkv_proj"], "--lora targets=qkv_proj: LlamaForCausalLM has "
                                                 "no module of that name"),
     (["--model-class", "AutoModelForSpeechSeq2Seq"], "AutoModelForSpeechSeq2Seq has no model "
@@ -119,6 +117,8 @@ def test_lora_spec_parses_lists_and_maps_to_peft() -> None:
     ("r=two,targets=q_proj", "r must be one int, got 'two'"),
     ("r=4,q_proj", "'q_proj' has no key"),
     ("r=4", "--lora needs targets"),
+    ("alpha=8,targets=q_proj", "--lora needs r"),
+    ("r=4,rank=8,targets=q_proj", "--lora: unknown key 'rank'; use r, alpha"),
 ])
 def test_lora_spec_errors_are_sentences(text, sentence) -> None:
     from smpcheck.source import UsageError

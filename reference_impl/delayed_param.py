@@ -18,6 +18,10 @@ weights. What goes wrong in practice (``shared/FAULTS.md``) and what this class 
 * ``to_empty`` unties ``lm_head`` from ``embed_tokens``: a materialised parameter is
   remembered by the identity of its meta original, so every module that shared it gets the
   same new ``Parameter``.
+* A PEFT model wraps the transformers model and renames its tensors: the model's own init and
+  its buffers are found through ``get_base_model()`` and PEFT's names, and LoRA adapters are
+  initialised by PEFT's own rule (``reset_lora_parameters``: ``lora_B`` zeros), never by the
+  model's ``_init_weights``.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import PreTrainedModel
 
+from reference_impl.adapters import lora_init_rules, name_mapper, transformers_model_of
 from reference_impl.loading import build_meta_model
 from reference_impl.tensors import clean_name, local_view, named_tensors, tie_groups
 
@@ -98,8 +102,9 @@ class DelayedParamIniter:
     """Materialise and initialise a meta-device model module by module (SMP v2 API).
 
     Args:
-        model: the model, with some or all parameters on meta. A ``PreTrainedModel`` is
-            re-tied first (``init_empty_weights`` breaks the tie at construction).
+        model: the model, with some or all parameters on meta: a ``PreTrainedModel``, a PEFT
+            model wrapping one, or any module. A transformers model is re-tied first
+            (``init_empty_weights`` breaks the tie at construction).
         init_method_using_config: optional ``fn(module)`` tried first on every module that got
             new tensors (for custom layers the model's own init does not know).
         verbose: log which method initialised each module.
@@ -125,8 +130,10 @@ class DelayedParamIniter:
         self.init_method_using_config = init_method_using_config
         self.verbose = verbose
         self.device = resolve_device(device)
-        if isinstance(model, PreTrainedModel):
-            model.tie_weights()
+        self._hf_model = transformers_model_of(model)
+        if self._hf_model is not None:
+            self._hf_model.tie_weights()
+        self._lora_rules = lora_init_rules(model)
         # Modules keep their identity through FSDP wrapping; tensors do not.
         self._module_names = {
             id(m): clean_name(n) for n, m in model.named_modules(remove_duplicate=False)
@@ -137,19 +144,24 @@ class DelayedParamIniter:
         self._meta_originals: list[nn.Parameter] = []  # keeps ids in _materialized unique
         self._left_uninitialised: dict[str, str] = {}
 
-    @staticmethod
-    def _expected_buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
-        """Buffer values to restore, by name: a fresh computation from the config for
-        transformers models, else a snapshot of the buffers that are real now."""
-        source = model
-        if isinstance(model, PreTrainedModel):
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-            source = build_meta_model(model.config, dtype or torch.float32, type(model))
-        return {
-            name: b.detach().clone()
-            for name, b in named_tensors(source)
-            if not isinstance(b, nn.Parameter) and not b.is_meta
+    def _expected_buffer_values(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Buffer values to restore, by the model's names: a fresh computation from the config
+        for what the transformers model holds (found through PEFT's renames), else a snapshot
+        of the buffers that are real now (PEFT's own)."""
+        expected = {
+            name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta
         }
+        hf = self._hf_model
+        if hf is not None:
+            dtype = next((p.dtype for p in hf.parameters() if p.is_floating_point()), None)
+            fresh = dict(build_meta_model(hf.config, dtype or torch.float32, type(hf))
+                         .named_buffers())
+            to_base = name_mapper(model)
+            for name, _ in model.named_buffers():
+                value = fresh.get(to_base(name))
+                if value is not None and not value.is_meta:
+                    expected[name] = value.detach().clone()
+        return {clean_name(name): value for name, value in expected.items()}
 
     def _full_name(self, module: nn.Module, attr: str) -> str:
         prefix = self._module_names.get(id(module), "")
@@ -200,8 +212,11 @@ class DelayedParamIniter:
         user_fn = self.init_method_using_config
         if user_fn is not None:
             yield "init_method_using_config", lambda: user_fn(module)
-        if isinstance(self.model, PreTrainedModel):
-            model = self.model
+        lora_rule = self._lora_rules.get(id(module))
+        if lora_rule is not None:  # the model's own init knows nothing of adapters
+            yield "LoraLayer.reset_lora_parameters", lora_rule
+        elif self._hf_model is not None:
+            model = self._hf_model
             yield f"{type(model).__name__}._init_weights", lambda: model._init_weights(module)
         if callable(getattr(module, "reset_parameters", None)):
             yield f"{type(module).__name__}.reset_parameters", module.reset_parameters

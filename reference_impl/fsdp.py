@@ -24,8 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp import _init_utils as fsdp1_init_utils
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 
+from reference_impl.adapters import transformers_model_of
 from reference_impl.delayed_param import (
     DelayedParamIniter,
     resolve_device,
@@ -36,8 +37,10 @@ from reference_impl.tensors import tie_groups
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
     """The repeated blocks to wrap: the model's ``_no_split_modules`` (decoder layers), else
-    the element class of its longest ``nn.ModuleList`` (BERT's encoder layers, say)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    the element class of its longest ``nn.ModuleList`` (BERT's encoder layers, say). A PEFT
+    model's blocks are those of the transformers model it wraps."""
+    hf = transformers_model_of(model)
+    names = set(getattr(hf if hf is not None else model, "_no_split_modules", None) or ())
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if classes:
         return classes
@@ -46,6 +49,26 @@ def block_classes(model: nn.Module) -> set[type[nn.Module]]:
         raise ValueError(f"{type(model).__name__} has no _no_split_modules and no ModuleList "
                          "of layers; pass blocks= the layer classes to wrap")
     return {type(max(lists, key=len)[0])}
+
+
+def _trainable_leaf(module: nn.Module) -> bool:
+    """A module with no children whose parameters all train: a LoRA ``lora_A``/``lora_B``,
+    a ``modules_to_save`` copy, an unfrozen head."""
+    params = list(module.parameters(recurse=False))
+    return (next(module.children(), None) is None and bool(params)
+            and all(p.requires_grad for p in params))
+
+
+def fsdp1_wrap_policy(model: nn.Module, blocks: set[type[nn.Module]] | None,
+                      use_orig_params: bool) -> ModuleWrapPolicy | CustomPolicy:
+    """The blocks as units; with flat parameters (``use_orig_params=False``) and a model
+    that is partly frozen (PEFT), also every trainable leaf on its own, since one flat
+    parameter cannot mix ``requires_grad`` (PEFT's ``fsdp_auto_wrap_policy`` does the same)."""
+    classes = tuple(blocks or block_classes(model))
+    grads = {p.requires_grad for p in model.parameters()}
+    if use_orig_params or len(grads) < 2:
+        return ModuleWrapPolicy(classes)
+    return CustomPolicy(lambda module: isinstance(module, classes) or _trainable_leaf(module))
 
 
 @contextmanager
@@ -138,7 +161,7 @@ def apply_fsdp1(
     with validate, cpu_shim:
         return FSDP(
             model,
-            auto_wrap_policy=ModuleWrapPolicy(blocks or block_classes(model)),
+            auto_wrap_policy=fsdp1_wrap_policy(model, blocks, use_orig_params),
             device_id=device if device.type == "cpu" else device.index,
             sync_module_states=True,
             param_init_fn=initer.get_param_init_fn() if initer else None,

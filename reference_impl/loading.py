@@ -9,6 +9,7 @@ buffers computed for real, and tied weights re-tied (the tie is broken at constr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +41,37 @@ def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     raise ValueError(f"no transformers model class for config type {type(config).__name__}")
 
 
+def resolve_model_class(
+    model_class: type | str | None, config: PretrainedConfig
+) -> type[PreTrainedModel]:
+    """The concrete class to build: ``model_class`` (a class, an ``AutoModelFor...`` class, or
+    either's name in ``transformers``), else the one the checkpoint was saved from.
+
+    Auto classes are resolved here because the meta model is built with ``_from_config``,
+    which only concrete classes have.
+
+    Raises:
+        ValueError: the name is not a transformers model class, or the auto class has no
+            model for this config type.
+    """
+    if model_class is None:
+        return model_class_for(config)
+    cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else model_class
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is not None:  # an AutoModelFor... class
+        try:
+            return mapping[type(config)]
+        except KeyError:
+            raise ValueError(
+                f"{cls.__name__} has no model for config type {type(config).__name__}; pick a "
+                f"class this architecture has (its config names {config.architectures})"
+            ) from None
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ValueError(f"{model_class!r} is not a transformers model class (such as "
+                         "AutoModelForSequenceClassification or LlamaForCausalLM)")
+    return cls
+
+
 def resolve_dtype(config: PretrainedConfig, requested: Any) -> torch.dtype:
     """The dtype ``from_pretrained`` gives for ``requested`` (None, "auto" or a dtype).
 
@@ -55,13 +87,92 @@ def resolve_dtype(config: PretrainedConfig, requested: Any) -> torch.dtype:
     return torch.float32
 
 
+# Where the files come from: every rank reads the config, so both the config and rank 0's
+# from_pretrained get these.
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision",
+                    "subfolder", "token", "trust_remote_code")
+# from_pretrained's own keywords (transformers 5 pops them before it builds the config), so never
+# a config override even where a config happens to have an attribute of that name.
+_LOADING_KWARGS = frozenset({
+    "adapter_kwargs", "adapter_name", "allow_all_kernels", "device_map", "device_mesh",
+    "disable_mmap", "distributed_config", "fusion_config", "generation_config", "gguf_file",
+    "ignore_mismatched_sizes", "kernel_config", "key_mapping", "max_memory", "offload_buffers",
+    "offload_folder", "output_loading_info", "quantization_config", "state_dict", "tp_plan",
+    "tp_size", "tqdm_class", "use_kernels", "use_safetensors", "variant", "weights_only",
+})
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What ``from_pretrained(name_or_path, **kwargs)`` means, split the way transformers splits
+    it, so rank 0's real model and every other rank's meta model come from one config.
+
+    Attributes:
+        config: the checkpoint's config with every config override applied (``num_labels``,
+            ``id2label``, any config attribute).
+        model_class: the concrete class to build.
+        dtype: the dtype every rank builds in.
+        download_kwargs: where the files come from (revision, cache_dir...).
+        loading_kwargs: the rest: ``from_pretrained``'s own options, and keywords the config
+            does not know, which transformers passes to the model's ``__init__``.
+    """
+
+    config: PretrainedConfig
+    model_class: type[PreTrainedModel]
+    dtype: torch.dtype
+    download_kwargs: dict[str, Any] = field(default_factory=dict)
+    loading_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def init_kwargs(self) -> dict[str, Any]:
+        """Keywords for the model's ``__init__`` (the meta model gets them too)."""
+        return {k: v for k, v in self.loading_kwargs.items() if k not in _LOADING_KWARGS}
+
+
+def split_from_pretrained_kwargs(
+    name_or_path: str | os.PathLike,
+    model_class: type | str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> LoadSpec:
+    """Split ``from_pretrained`` keywords into config overrides and loading options, as
+    ``PreTrainedModel.from_pretrained`` does (``config_class.from_pretrained(...,
+    return_unused_kwargs=True)``): a keyword the config accepts changes the config.
+
+    Args:
+        name_or_path: checkpoint directory or hub id.
+        model_class: as for :func:`resolve_model_class`.
+        **from_pretrained_kwargs: what the user would pass to ``from_pretrained``; a
+            ``config=`` object is used as it is (transformers then applies no overrides).
+
+    Returns:
+        The config every rank builds from, and the keywords only rank 0's load needs.
+    """
+    kwargs = dict(from_pretrained_kwargs)
+    requested = kwargs.pop("torch_dtype", None)
+    requested = kwargs.pop("dtype", requested)
+    download = {k: kwargs.pop(k) for k in _DOWNLOAD_KWARGS if k in kwargs}
+    loading = {k: kwargs.pop(k) for k in _LOADING_KWARGS if k in kwargs}
+    config = kwargs.pop("config", None)
+    if isinstance(config, PretrainedConfig):
+        unused = kwargs
+    else:
+        config, unused = AutoConfig.from_pretrained(
+            config or name_or_path, return_unused_kwargs=True, **download, **kwargs)
+    return LoadSpec(config=config, model_class=resolve_model_class(model_class, config),
+                    dtype=resolve_dtype(config, requested), download_kwargs=download,
+                    loading_kwargs={**loading, **unused})
+
+
 def build_meta_model(
-    config: PretrainedConfig, dtype: torch.dtype, model_class: type[PreTrainedModel] | None = None
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    model_class: type[PreTrainedModel] | None = None,
+    **init_kwargs: Any,
 ) -> PreTrainedModel:
     """The architecture of ``config`` with parameters on meta, real buffers, ties restored."""
     cls = model_class or model_class_for(config)
     with init_empty_weights():
-        model = cls._from_config(config, **{_DTYPE_KWARG: dtype})
+        model = cls._from_config(config, **{_DTYPE_KWARG: dtype}, **init_kwargs)
     model.tie_weights()
     return model.eval()
 
@@ -70,38 +181,39 @@ def load_on_rank0(
     name_or_path: str | os.PathLike,
     *,
     rank: int | None = None,
-    model_class: type[PreTrainedModel] | None = None,
+    model_class: type | str | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """Pretrained model on global rank 0, the same architecture on meta on every other rank.
 
+    Both come from one config: the keywords that change the config (``num_labels=3``,
+    ``id2label``, any config attribute) are applied before either is built, so a new task head
+    has the same shape everywhere (FSDP1 otherwise aborts inside the broadcast).
+
     Args:
         name_or_path: checkpoint directory or hub id (resolved by transformers, offline works).
         rank: who is asking; the global rank of the default group when None.
-        model_class: class to instantiate; by default the one named in ``config.architectures``.
-        **from_pretrained_kwargs: passed to ``from_pretrained`` on rank 0; ``dtype`` (or
-            ``torch_dtype``) also sets the meta model's dtype so every rank agrees.
+        model_class: class to instantiate (``LlamaForSequenceClassification``, an
+            ``AutoModelFor...`` class, or its name); by default the one named in
+            ``config.architectures``.
+        **from_pretrained_kwargs: as for ``from_pretrained``; ``dtype`` (or ``torch_dtype``)
+            also sets the meta model's dtype so every rank agrees.
 
     Returns:
-        The model, in eval mode. On rank 0 its weights are the checkpoint's; elsewhere its
-        parameters are on meta, ready for ``DelayedParamIniter``.
+        The model, in eval mode. On rank 0 its weights are the checkpoint's (a head the
+        checkpoint lacks freshly initialised); elsewhere its parameters are on meta, ready for
+        ``DelayedParamIniter``.
 
     Example:
-        >>> model = load_on_rank0("/ckpt/llama", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> model = load_on_rank0("/ckpt/llama", model_class="AutoModelForSequenceClassification",
+        ...                       num_labels=3, dtype=torch.bfloat16)  # doctest: +SKIP
     """
     if rank is None:
         rank = dist.get_rank() if dist.is_initialized() else 0
-    requested = from_pretrained_kwargs.pop("torch_dtype", None)
-    requested = from_pretrained_kwargs.pop("dtype", requested)
-    config_kwargs = {
-        k: from_pretrained_kwargs[k]
-        for k in ("revision", "trust_remote_code", "cache_dir", "local_files_only")
-        if k in from_pretrained_kwargs
-    }
-    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
-    dtype = resolve_dtype(config, requested)
-    cls = model_class or model_class_for(config)
+    spec = split_from_pretrained_kwargs(name_or_path, model_class, **from_pretrained_kwargs)
     if rank == 0:
-        model = cls.from_pretrained(name_or_path, **{_DTYPE_KWARG: dtype}, **from_pretrained_kwargs)
+        model = spec.model_class.from_pretrained(
+            name_or_path, config=spec.config, **{_DTYPE_KWARG: spec.dtype},
+            **spec.download_kwargs, **spec.loading_kwargs)
         return model.eval()
-    return build_meta_model(config, dtype, cls)
+    return build_meta_model(spec.config, spec.dtype, spec.model_class, **spec.init_kwargs)

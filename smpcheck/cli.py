@@ -44,13 +44,28 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds to reach MASTER_ADDR:MASTER_PORT (default 60)")
     run.add_argument("--oversubscribe", action="store_true",
                      help="allow more CPU ranks than cores")
+    tune = run.add_argument_group("fine-tuning setups")
+    tune.add_argument("--model-class", default=None, metavar="NAME",
+                      help="transformers class to build, e.g. AutoModelForSequenceClassification "
+                      "(default: the checkpoint's own architecture)")
+    tune.add_argument("--num-labels", type=int, default=None, metavar="N",
+                      help="labels of a new classification head (a config override)")
+    tune.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config attribute (VALUE as JSON where it parses); "
+                      "repeatable")
+    tune.add_argument("--lora", default=None, metavar="SPEC",
+                      help="add a new LoRA adapter after loading: r=8,alpha=16,"
+                      "targets=q_proj,v_proj[,dropout=0.05][,modules_to_save=score]")
+    tune.add_argument("--peft", default=None, metavar="ADAPTER_DIR",
+                      help="load a trained PEFT adapter (PeftModel.save_pretrained) to train on")
     compare = sub.add_parser("compare", help="run several strategies in turn, one report "
                              "side by side")
     compare.add_argument("model", nargs="?", help="as for run (default: the demo model)")
     compare.add_argument("--strategies", default="naive,smp,fsdp2,streaming",
                          help="comma-separated (default naive,smp,fsdp2,streaming)")
     for flag in ("--nproc-per-node", "--tp", "--device", "--dtype", "--report-dir", "--timeout",
-                 "--rendezvous-timeout", "--oversubscribe"):
+                 "--rendezvous-timeout", "--oversubscribe", "--model-class", "--num-labels",
+                 "--config", "--lora", "--peft"):
         action = next(a for a in run._actions if flag in a.option_strings)
         compare._add_action(action)
     report = sub.add_parser("report", help="rebuild the HTML report from its JSON twin")
@@ -68,6 +83,7 @@ def _options(args: argparse.Namespace, world: int):
     from reference_impl.tp_plans import TPConfigError, check_tp_config
     from smpcheck.source import resolve
     from smpcheck.strategies import STRATEGIES, RunOptions
+    from smpcheck.strategies.finetune import fine_tuning_options
 
     if args.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {args.strategy!r}; choose one of "
@@ -85,8 +101,11 @@ def _options(args: argparse.Namespace, world: int):
         except TPConfigError as exc:
             raise UsageError(str(exc)) from exc
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    fine_tuning = fine_tuning_options(
+        source.path, args.strategy, tp, model_class=args.model_class,
+        num_labels=args.num_labels, config=args.config, lora=args.lora, peft=args.peft)
     return RunOptions(source=source, strategy=args.strategy, tp=tp, device=args.device,
-                      dtype=dtype)
+                      dtype=dtype, **fine_tuning)
 
 
 def _check_nproc(args: argparse.Namespace) -> None:

@@ -7,24 +7,44 @@ the model the training loop would use. The job never needs to know which strateg
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from smpcheck.source import ModelSource
+from smpcheck.strategies.finetune import LoraSpec
 
 
 @dataclass
 class RunOptions:
-    """What ``smpcheck run`` was asked for, as every rank sees it."""
+    """What ``smpcheck run`` was asked for, as every rank sees it.
+
+    ``model_class`` (a transformers class name, ``AutoModelFor...`` included) and
+    ``config_overrides`` (``num_labels``...) choose the model built from the checkpoint;
+    ``lora`` (a new adapter) or ``adapter_dir`` (a trained one) add PEFT adapters after loading.
+    """
 
     source: ModelSource
     strategy: str
     tp: int = 1
     device: str = "cpu"
     dtype: torch.dtype | None = None
+    model_class: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSpec | None = None
+    adapter_dir: Path | None = None
+
+    @property
+    def fine_tuning(self) -> bool:
+        """Anything beyond the checkpoint's own model: another head, overrides, adapters."""
+        return bool(self.model_class or self.config_overrides or self.adapted)
+
+    @property
+    def adapted(self) -> bool:
+        return self.lora is not None or self.adapter_dir is not None
 
 
 class StrategyBase:
@@ -62,4 +82,17 @@ def device_of(opts: RunOptions) -> torch.device:
 
 
 def load_kwargs(opts: RunOptions) -> dict:
-    return {"dtype": opts.dtype} if opts.dtype is not None else {}
+    """``from_pretrained`` keywords every strategy passes: the dtype and config overrides."""
+    return {**opts.config_overrides, **({"dtype": opts.dtype} if opts.dtype is not None else {})}
+
+
+def with_adapters(model: nn.Module, opts: RunOptions, rank: int) -> nn.Module:
+    """``model`` with the PEFT adapters ``opts`` asks for (unchanged when none): a new LoRA
+    initialised by PEFT (on meta where the model is), or a trained adapter that ``rank`` 0
+    reads (``reference_impl.attach_adapter``)."""
+    if not opts.adapted:
+        return model
+    from reference_impl import attach_adapter
+
+    config = opts.lora.peft_config() if opts.lora is not None else None
+    return attach_adapter(model, peft_config=config, adapter_dir=opts.adapter_dir, rank=rank)

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from smpcheck.strategies.base import RunOptions, StrategyBase, device_of, load_kwargs
+from smpcheck.strategies.base import (
+    RunOptions,
+    StrategyBase,
+    device_of,
+    load_kwargs,
+    with_adapters,
+)
 
 
 class TransformersTPPlan(StrategyBase):
@@ -15,12 +21,16 @@ class TransformersTPPlan(StrategyBase):
     memory_strategy = "tp_plan"
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
+        import torch
         from transformers import AutoConfig
 
-        from reference_impl.loading import model_class_for
+        from reference_impl.loading import resolve_model_class
 
-        cls = model_class_for(AutoConfig.from_pretrained(opts.source.path))
+        cls = resolve_model_class(opts.model_class, AutoConfig.from_pretrained(opts.source.path))
+        torch.manual_seed(0)  # a fresh head outside the plan is drawn on every rank: equally
         self.model = cls.from_pretrained(opts.source.path, tp_plan="auto", **load_kwargs(opts))
+        # Every rank holds its shards: each reads the adapter; PEFT syncs LoRA across TP ranks.
+        self.model = with_adapters(self.model, opts, rank=0)
         yield "load"
 
 
@@ -51,7 +61,8 @@ class SageMakerSMP(StrategyBase):
         from reference_impl.fsdp import block_classes
 
         tsm.init({"tensor_parallel_degree": opts.tp})
-        self.model = load_on_rank0(opts.source.path, **load_kwargs(opts))
+        self.model = load_on_rank0(opts.source.path, model_class=opts.model_class,
+                                   **load_kwargs(opts))
         yield "load"
         self.model = tsm.transform(self.model, load_state_dict_from_rank0=True)
         yield "transform"

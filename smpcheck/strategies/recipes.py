@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -17,7 +18,17 @@ from reference_impl import (
     load_on_rank0,
     transform,
 )
-from smpcheck.strategies.base import RunOptions, StrategyBase, device_of, load_kwargs
+from smpcheck.strategies.base import (
+    RunOptions,
+    StrategyBase,
+    device_of,
+    load_kwargs,
+    with_adapters,
+)
+
+# Where every rank loads, each draws its own fresh head and adapters: one seed on every rank
+# makes them equal, as transformers' Trainer does with set_seed before building the model.
+EVERY_RANK_SEED = 0
 
 
 class _Recipe(StrategyBase):
@@ -26,7 +37,11 @@ class _Recipe(StrategyBase):
     def phases(self, opts: RunOptions) -> Iterator[str]:
         rank, device = dist.get_rank(), device_of(opts)
         loader_rank = 0 if self.every_rank_loads else None
-        self.model = load_on_rank0(opts.source.path, rank=loader_rank, **load_kwargs(opts))
+        if self.every_rank_loads:
+            torch.manual_seed(EVERY_RANK_SEED)
+        self.model = load_on_rank0(opts.source.path, rank=loader_rank,
+                                   model_class=opts.model_class, **load_kwargs(opts))
+        self.model = with_adapters(self.model, opts, 0 if self.every_rank_loads else rank)
         yield "load"
         mesh = build_mesh(device, opts.tp)
         if opts.tp > 1:

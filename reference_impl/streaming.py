@@ -28,10 +28,10 @@ from reference_impl.delayed_param import (
 )
 from reference_impl.fsdp import apply_fsdp2
 from reference_impl.loading import build_meta_model, resolve_dtype
+from reference_impl.tensors import local_view, named_tensors, tie_groups
 from reference_impl.tp_plans import check_tp_config
 from reference_impl.transform import apply_tp_plan, build_mesh
 from smpcheck.checkpoint import Checkpoint
-from reference_impl.tensors import local_view, named_tensors, tie_groups
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 from reference_impl.delayed_param import resolve_device, swap_params_on_conversion
-from reference_impl.tp_plans import TPConfigError, build_plan, check_tp_config
 from reference_impl.tensors import local_view, named_tensors, tie_groups
+from reference_impl.tp_plans import TPConfigError, build_plan, check_tp_config
 
 _HAS_SRC_DATA_RANK = "src_data_rank" in inspect.signature(parallelize_module).parameters
 

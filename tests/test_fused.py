@@ -130,6 +130,13 @@ def test_inverse_map_covers_exactly_the_expert_keys(moe) -> None:
         assert len(names) == 1 and key in fused.targets[names[0]].keys
     assert fused.by_key["model.layers.0.block_sparse_moe.experts.3.w2.weight"] == (
         "model.layers.0.mlp.experts.down_proj",)
+    # A meta skeleton of the model (what a check has at hand) lists the same targets.
+    with torch.device("meta"):
+        skeleton = T.AutoModelForCausalLM.from_config(model.config)
+    again = fused_targets(skeleton, reader.shapes())
+    assert again.by_key == fused.by_key
+    assert {n: (t.shape, t.sources, t.output) for n, t in again.targets.items()} == {
+        n: (t.shape, t.sources, t.output) for n, t in fused.targets.items()}
 
 
 def test_a_model_without_converters_has_no_fused_targets(checkpoints) -> None:

@@ -6,9 +6,12 @@ applies TP (optional) and FSDP2 on meta, and allocates only its own shards (``to
 Rank 0 then reads the safetensors files one tensor at a time (memory-mapped) and sends each
 rank its part: a scatter of row blocks for FSDP2's row shards over the world (each rank
 receives only its rows), else a broadcast after which every rank keeps only its slice (cut by
-DTensor's own placement logic: TP x FSDP2's strided shards, replicated tensors). Peak
-anonymous memory: rank 0 its shards plus the tensor read (plus padded copies of uneven row
-blocks), other ranks their shards plus one row block, or one whole tensor where broadcast.
+DTensor's own placement logic: TP x FSDP2's strided shards, replicated tensors). A tensor that
+transformers 5 fuses on load from several checkpoint tensors (MoE experts) is built whole on
+rank 0 by the model's own conversion ops, one at a time, and then sent like any other. Peak
+anonymous memory: rank 0 its shards plus the tensor read (a fused one: its sources and the
+result, about twice the tensor; plus padded copies of uneven row blocks), other ranks their
+shards plus one row block, or one whole tensor where broadcast.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import distribute_tensor
 
+from reference_impl.checkpoint import SafetensorsCheckpoint
 from reference_impl.delayed_param import (
     DelayedParamIniter,
     resolve_device,
@@ -31,23 +35,19 @@ from reference_impl.loading import build_meta_model, resolve_dtype
 from reference_impl.tensors import local_view, named_tensors, tie_groups
 from reference_impl.tp_plans import check_tp_config
 from reference_impl.transform import apply_tp_plan, build_mesh
-from smpcheck.checkpoint import Checkpoint
 
 
 @torch.no_grad()
-def stream_from_rank0(model: nn.Module, ckpt: Checkpoint | None,
+def stream_from_rank0(model: nn.Module, ckpt: SafetensorsCheckpoint | None,
                       device: torch.device | str) -> int:
     """Fill ``model``'s (already sharded, already allocated) tensors from the checkpoint,
     read on rank 0 only (``ckpt`` is None elsewhere). Returns the number of tensors streamed.
 
     Raises:
-        NotImplementedError: the model fuses several checkpoint tensors into one on load
-            (Mixtral's experts): not streamable one to one.
         KeyError: a persistent model tensor the checkpoint lacks (and no tie covers).
     """
     device = resolve_device(device)
     rank = dist.get_rank()
-    prefix = getattr(model, "base_model_prefix", "") + "."
     partners = {name: [n for n, _, _ in group] for group in tie_groups(model)
                 for name, _, _ in group}
     non_persistent = {f"{mn}.{b}" if mn else b for mn, m in model.named_modules()
@@ -57,26 +57,22 @@ def stream_from_rank0(model: nn.Module, ckpt: Checkpoint | None,
         if name in non_persistent:
             continue
         header: list = [None]
+        full = None
         if rank == 0:
-            keys = [ckpt.key_for(n, prefix) for n in partners.get(name, [name])]
-            key = next((k for k in keys if k), None)
-            if key is None:
-                header[0] = ("fused" if ckpt.is_fused_target(name) else "missing", name)
-            else:
-                # Sent as stored (bf16 stays half the size of an fp32 target); every rank
-                # casts only its own part, so no rank ever holds a cast copy of the whole.
-                full = ckpt.read(key).to(device=device)
+            # Sent as stored (bf16 stays half the size of an fp32 target); every rank casts
+            # only its own part, so no rank ever holds a cast copy of the whole.
+            full = ckpt.tensor_for(partners.get(name, [name]))
+            if full is not None:
+                full = full.to(device=device)
                 header[0] = ("ok", (list(full.shape), str(full.dtype).removeprefix("torch.")))
+            else:
+                header[0] = ("missing", name)
         dist.broadcast_object_list(header, src=0)
         status, detail = header[0]
-        if status == "fused":
-            raise NotImplementedError(f"{detail} is fused on load from several checkpoint "
-                                      "tensors (MoE experts): streaming does not support it")
         if status == "missing":
-            raise KeyError(f"{detail} is not in the checkpoint")
+            raise KeyError(f"{detail} is not in the checkpoint read by rank 0 (under any of "
+                           "the model's renames): load a checkpoint saved from this model")
         shape, stored = detail[0], getattr(torch, detail[1])
-        if rank != 0:
-            full = None
         if _rows_over_world(tensor):
             _scatter_rows(tensor, full, shape, stored)
         else:
@@ -153,7 +149,7 @@ def load_streaming(
     config = AutoConfig.from_pretrained(path)
     model = build_meta_model(config, resolve_dtype(config, dtype))
     # Key renames are read off the plain class, before FSDP2 subclasses it.
-    ckpt = Checkpoint(path, model) if dist.get_rank() == 0 else None
+    ckpt = SafetensorsCheckpoint(path, model) if dist.get_rank() == 0 else None
     initer = DelayedParamIniter(model, device=device)
     mesh = mesh or build_mesh(device, tp_size)
     if mesh["tp"].size() > 1:

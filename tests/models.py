@@ -55,6 +55,14 @@ FAMILIES: dict[str, tuple[type[T.PretrainedConfig], dict]] = {
 # Mixtral: attention TP with experts replicated (its packed expert weights stay whole).
 MIXTRAL: tuple[type[T.PretrainedConfig], dict] = (
     T.MixtralConfig, {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2})
+# Qwen2-MoE: per-expert gate/up/down fused on load like Mixtral's, plus a shared expert; 5
+# experts so that 2 ranks' row shards of the fused experts are uneven (3 + 2).
+QWEN2_MOE: tuple[type[T.PretrainedConfig], dict] = (
+    T.Qwen2MoeConfig, {**_LLAMA_LIKE, "num_experts": 5, "num_experts_per_tok": 2,
+                       "moe_intermediate_size": 48, "shared_expert_intermediate_size": 40})
+# MoE families whose experts transformers 5 fuses on load from per-expert checkpoint tensors.
+MOE_FAMILIES: dict[str, tuple[type[T.PretrainedConfig], dict]] = {
+    "mixtral": MIXTRAL, "qwen2-moe": QWEN2_MOE}
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -1,0 +1,44 @@
+"""The oracle stays independent: ``smpcheck``'s checks never import ``reference_impl``, and
+``reference_impl`` never imports ``smpcheck``, so one bug cannot break the recipe and hide it
+from the check at the same time. Only the CLI layer (strategies, job, cli) runs the recipe."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The layer that runs implementations under test; everything else in smpcheck judges them.
+RUNS_THE_RECIPE = {"smpcheck/cli.py", "smpcheck/job.py", "smpcheck/strategies"}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _files("reference_impl"), ids=lambda p: p.name)
+def test_reference_impl_never_imports_smpcheck(path: Path) -> None:
+    assert "smpcheck" not in imported_packages(path)
+
+
+def _judging_files() -> list[Path]:
+    return [p for p in _files("smpcheck")
+            if not any(str(p.relative_to(ROOT)).startswith(r) for r in RUNS_THE_RECIPE)]
+
+
+@pytest.mark.parametrize("path", _judging_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_checks_never_import_reference_impl(path: Path) -> None:
+    assert "reference_impl" not in imported_packages(path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,9 +34,11 @@ from pathlib import Path
 import torch
 
 from smpcheck.checkpoint import Checkpoint, CheckpointError
+from smpcheck.fused import FusedMap, build_expected, fused_targets
 from smpcheck.peft_names import ADAPTER as ADAPTER_ROLE
 from smpcheck.peft_names import PeftView
 from smpcheck.pieces import Piece, splits
+from smpcheck.selection import Box
 from smpcheck.skeleton import buffers_of, model_class, skeleton
 from smpcheck.tensors import describe_diff, tie_groups
 
@@ -45,7 +48,7 @@ ADAPTER = "adapter file"
 FRESH = "fresh init"
 CONFIG = "config"
 MISSING = "missing"
-COMPARED_WITH_FILES = (CHECKPOINT, ADAPTER)
+COMPARED_WITH_FILES = (CHECKPOINT, ADAPTER, FUSED)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Expectations:
         self.fresh_model = skeleton(self.view.base)
         self.checkpoint = Checkpoint(checkpoint, self.fresh_model or self.view.base) \
             if checkpoint is not None else None
+        self.fused = fused_targets(self.fresh_model or self.view.base, {
+            key: self.checkpoint.shape(key) for key in self.checkpoint.files
+        }) if self.checkpoint is not None else FusedMap()
         self.adapter = Checkpoint(_adapter_file(adapter)) if adapter is not None else None
         self.base_prefix = getattr(self.view.base, "base_model_prefix", "") + "."
         self.buffers = set(buffers_of(self.fresh_model))
@@ -145,8 +151,12 @@ class Expectations:
             if stored != piece.full_shape and self._outside_base_model(base_name):
                 return Source(FRESH, note=f"re-initialised head (checkpoint's is {stored})")
             return Source(CHECKPOINT, (key,))
-        if self.checkpoint is not None and self.checkpoint.is_fused_target(base_name):
-            return Source(FUSED, note="built on load from several checkpoint tensors")
+        target = self.fused.targets.get(base_name)
+        if target is not None:
+            ops = "+".join(type(op).__name__ for op in target.operations)
+            return Source(FUSED, target.keys, f"built by {ops} as on load")
+        if base_name in self.fused.unsupported:
+            return Source(FUSED, note=self.fused.unsupported[base_name])
         if self.checkpoint is None:
             return Source(MISSING, note="no checkpoint given")
         if self.head_is_new and self._outside_base_model(base_name):
@@ -164,16 +174,15 @@ class Expectations:
     def compare(self, piece: Piece, source: Source) -> Comparison | None:
         """``piece`` against its file, reading only its selection; None when this rank
         leaves the piece to another replica or the source is not a file."""
-        if source.kind not in COMPARED_WITH_FILES or not self._mine_to_compare(piece):
+        if (source.kind not in COMPARED_WITH_FILES or not source.keys
+                or not self._mine_to_compare(piece)):
             return None
-        reader = self.checkpoint if source.kind == CHECKPOINT else self.adapter
-        key = source.keys[0]
+        read = self._reader(piece, source)
         sharded = any(splits(p) for p in piece.placements)
         if piece.data.is_meta:
             return Comparison(piece.name, piece.where(), source, False, sharded,
                               want="values", seen="meta", detail="on the meta device")
-        selection = piece.selection
-        expected = selection.assemble(lambda box: reader.read(key, box))
+        expected = piece.selection.assemble(read)
         cast = ""
         if expected.dtype != piece.data.dtype:
             cast = f"{_dtype(expected.dtype)} -> {_dtype(piece.data.dtype)}"
@@ -184,8 +193,16 @@ class Expectations:
         if not equal:
             out.want, out.seen, out.detail = describe_diff(piece.data, expected)
             if sharded:
-                out.diagnosis = diagnose_shard(piece, reader.read(key).to(piece.data.dtype))
+                out.diagnosis = diagnose_shard(piece, read(None).to(piece.data.dtype))
         return out
+
+    def _reader(self, piece: Piece, source: Source) -> Callable[[Box | None], torch.Tensor]:
+        """Reads a box (None: all) of ``piece``'s expected tensor from its files."""
+        if source.kind == FUSED:
+            target = self.fused.targets[self.view.base_name(piece.name)[0]]
+            return lambda box: build_expected(target, self.checkpoint.read, box)
+        reader = self.checkpoint if source.kind == CHECKPOINT else self.adapter
+        return lambda box: reader.read(source.keys[0], box)
 
     def run(self, pieces: list[Piece]) -> tuple[list[tuple[Piece, Source]], list[Comparison]]:
         """Every piece's source, and the comparisons this rank made (the one pass)."""
@@ -193,7 +210,7 @@ class Expectations:
         for piece in pieces:
             source = self.source(piece)
             sources.append((piece, source))
-            self.used.update(source.keys if source.kind == CHECKPOINT else ())
+            self.used.update(source.keys if source.kind in (CHECKPOINT, FUSED) else ())
             comparison = self.compare(piece, source)
             if comparison is not None:
                 comparisons.append(comparison)

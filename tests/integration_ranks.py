@@ -158,6 +158,7 @@ def trainer_collectives(checkpoint: str, out: Path, version: int) -> dict[str, A
         counter.total = counter.in_callbacks = 0
         trainer.train()
         counts[case] = {"total": counter.total, "in_callbacks": counter.in_callbacks,
+                        "steps": trainer.state.global_step,
                         "plain_verify": plain.collectives,
                         "report": callback.report.environment if callback.report else None}
     return counts

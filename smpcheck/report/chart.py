@@ -129,7 +129,7 @@ def compare_svg(rows: list[dict[str, Any]]) -> str:
     peaks.set_yticks(y, names)
     peaks.set_xlabel("host memory, multiples of the model's parameter bytes")
     peaks.set_xlim(0, max([*node, *rank0, 1.0]) * 1.35)
-    peaks.legend(fontsize=7, loc="lower right")
+    peaks.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
     peaks.grid(axis="x", alpha=0.3)
     times.barh(y, ready, 0.5, color="#34a853")
     for i, seconds in enumerate(ready):

@@ -229,10 +229,10 @@ def _holds(strategy: str, shard: float, tensor: float, unit: float) -> tuple[flo
         # every rank (measured per rank by the strategy's loading probe). FSDP2: each rank
         # keeps its loaded copy through prepare and gains its shard; the others also receive
         # rank 0's full tensors one at a time and copy out their shard. Measured (2 ranks,
-        # 610 MiB fp32 Llama from bf16 files): rank 0 1.52x, rank 1 1.77x the model.
+        # 610 MiB fp32 Llama from bf16 files): rank 0 1.52-1.55x, rank 1 1.77-1.90x.
         "accelerate-fsdp": (1.0 + shard + tensor, 1.0 + shard + 2 * tensor),
         # FSDP1: the loaded copy, plus the flat shard built one unit at a time (measured as
-        # above: 1.33x on both ranks, as naive loading's 1.34x)
+        # above: 1.33-1.40x on both ranks; naive loading 1.34x)
         "accelerate-fsdp1": (1.0 + shard + unit, 1.0 + shard + unit),
     }
     if strategy not in table:

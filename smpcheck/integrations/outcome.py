@@ -45,12 +45,13 @@ def wrapping(model: nn.Module) -> dict[str, Any]:
     global_numel = {clean_name(n): p.numel() for n, p in model.named_parameters()}
     full = sum(math.prod(shape) for shape, _ in flat_shapes.values())  # pieces elsewhere too
     local = 0
-    dtensor = False
+    dtensor = two_dims = False
     for piece in iter_pieces(model):
         if not piece.is_param:
             continue
         local += piece.data.numel()
         dtensor |= piece.kind == "dtensor"
+        two_dims |= piece.kind == "dtensor" and piece.mesh.ndim > 1
         if piece.kind != "flat":
             full += global_numel.get(piece.name, piece.data.numel())
     fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
@@ -58,11 +59,13 @@ def wrapping(model: nn.Module) -> dict[str, Any]:
     if flat_shapes:
         name = "fsdp1"
     elif fsdp2:
-        name = "fsdp2"
+        name = "tp+fsdp2" if two_dims else "fsdp2"
     elif dtensor:
         name = "tp"
-    else:
-        name = "ddp" if world > 1 else "none"
+    elif type(model).__name__ == "DistributedDataParallel":
+        name = "ddp"
+    else:  # the Trainer hands its callbacks the module inside DDP
+        name = "replicated" if world > 1 else "none"
     return {"wrapper": name, "held_share": round(local / full, 4) if full else 1.0}
 
 

@@ -54,7 +54,9 @@ class SmpcheckCallback(TrainerCallback):
             unless the environment sets ``SMPCHECK_DISABLE=1``, so a launch script can switch
             it off without editing the training script.
 
-    After training starts, ``callback.report`` holds the report (the same on every rank).
+    It verifies once per callback (a second ``train()`` would judge trained weights against the
+    checkpoint). After training starts, ``callback.report`` holds the report; its results are
+    the same on every rank.
     """
 
     def __init__(self, checkpoint: str | os.PathLike | None = None,

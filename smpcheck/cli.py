@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="ranks to launch when started bare (default 2)")
     run.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     run.add_argument("--strategy", default="smp",
-                     help="smp (default), fsdp2, naive, tp_plan or sagemaker")
+                     help="smp (default), fsdp2, naive, streaming, tp_plan, sagemaker, "
+                     "accelerate-fsdp (FSDP2) or accelerate-fsdp1")
     run.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     run.add_argument("--dtype", choices=DTYPES, default=None,
                      help="load in this dtype (default: the checkpoint's)")

@@ -225,6 +225,15 @@ def _holds(strategy: str, shard: float, tensor: float, unit: float) -> tuple[flo
         "naive": (1.0 + shard, 1.0 + shard),  # every rank loads everything
         "streaming": (shard + 2 * tensor, shard + tensor),  # one read + one in flight
         "tp_plan": (shard + unit, shard + unit),
+        # accelerate's plugin with cpu_ram_efficient_loading: transformers 5.24 still loads on
+        # every rank (measured per rank by the strategy's loading probe). FSDP2: each rank
+        # keeps its loaded copy through prepare and gains its shard; the others also receive
+        # rank 0's full tensors one at a time and copy out their shard. Measured (2 ranks,
+        # 610 MiB fp32 Llama from bf16 files): rank 0 1.52-1.55x, rank 1 1.77-1.90x.
+        "accelerate-fsdp": (1.0 + shard + tensor, 1.0 + shard + 2 * tensor),
+        # FSDP1: the loaded copy, plus the flat shard built one unit at a time (measured as
+        # above: 1.33-1.40x on both ranks; naive loading 1.34x)
+        "accelerate-fsdp1": (1.0 + shard + unit, 1.0 + shard + unit),
     }
     if strategy not in table:
         raise ValueError(f"no memory bound for strategy {strategy!r}; known: {sorted(table)}")
@@ -255,7 +264,8 @@ def memory_bound(*, rank: int, baseline: int, size: ModelSize, strategy: str,
         baseline: its anonymous RSS before loading (torch, the device and the communicator
             initialised).
         size: the model's parameter bytes, largest tensor and largest FSDP unit.
-        strategy: smp, fsdp2, naive, streaming or tp_plan.
+        strategy: smp, fsdp2, naive, streaming, tp_plan, accelerate-fsdp or
+            accelerate-fsdp1.
         world_size, tp_size: weights are split over ``world_size`` ranks (TP x data parallel
             sharding), or over ``tp_size`` when nothing else shards them.
         allowance: factor for transient copies (dtype casts, send buffers).

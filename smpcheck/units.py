@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+MIB = 2**20
+GIB = 2**30
+
 
 def human_bytes(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``; ``3 * 2**30`` -> ``3.0 GiB``; negative sizes keep their sign."""
-    sign, n = ("-" if n < 0 else ""), abs(n)
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{sign}{n / scale:.1f} {unit}"
-    return f"{sign}{n:.0f} B"
+    """Bytes in the unit that keeps every size readable: KiB below 1 MiB, MiB below 10 GiB
+    (one decimal below 10 MiB), GiB above."""
+    if abs(n) < MIB:
+        return f"{n / 1024:.1f} KiB"
+    if abs(n) < 10 * GIB:
+        return f"{n / MIB:.0f} MiB" if abs(n) >= 10 * MIB else f"{n / MIB:.1f} MiB"
+    return f"{n / GIB:.1f} GiB"

@@ -1,6 +1,7 @@
 """Side-by-side comparison of strategies from their JSON reports: per-rank and node-total peak
 host memory, time to a ready model, and the checks' verdicts, as ratios to the model's size
-and to naive loading."""
+and to naive loading, as a chart and a table. Strategies that measured how they loaded
+(accelerate's path: did each rank read the checkpoint itself?) carry that line along."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from smpcheck.phases import bounded
+from smpcheck.report.chart import compare_svg
 from smpcheck.report.model import Report
-
-MIB = 2**20
+from smpcheck.units import human_bytes
 
 
 def summarize(strategy: str, report: Report) -> dict[str, Any]:
@@ -31,10 +32,14 @@ def summarize(strategy: str, report: Report) -> dict[str, Any]:
             ready_s = sum(p["end"] - p["start"] for p in phases)
     node_total = sum(r["above_baseline"] for r in per_rank)
     failed = [r.name for r in report.results if r.status.value in ("fail", "error")]
+    rank0 = per_rank[0]["above_baseline"] if per_rank else 0
+    env = report.environment
     return {"strategy": strategy, "ok": report.ok, "failed": failed, "ready_s": ready_s,
             "node_total": node_total, "node_total_x_model": node_total / model_bytes,
-            "rank0_x_model": per_rank[0]["above_baseline"] / model_bytes if per_rank else 0,
-            "per_rank": per_rank, "model_bytes": model_bytes}
+            "rank0": rank0, "rank0_x_model": rank0 / model_bytes,
+            "per_rank": per_rank, "model_bytes": model_bytes,
+            "loading_verdict": env.get("loading_verdict", ""),
+            "loading": env.get("loading", [])}
 
 
 def compare(reports: dict[str, Report]) -> dict[str, Any]:
@@ -50,25 +55,29 @@ def compare(reports: dict[str, Report]) -> dict[str, Any]:
 
 
 def write_comparison(reports: dict[str, Report], directory: str | Path, stem: str) -> Path:
-    """``stem.json`` (the rows) and ``stem.html`` (a table), self-contained."""
+    """``stem.json`` (the rows) and ``stem.html`` (a chart and a table), self-contained."""
     data = compare(reports)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str))
     env = Environment(loader=PackageLoader("smpcheck.report", "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
-    html = env.get_template("compare.html.j2").render(mib=MIB, **data)
+    env.filters["human"] = human_bytes
+    html = env.get_template("compare.html.j2").render(chart=compare_svg(data["rows"]), **data)
     path = directory / f"{stem}.html"
     path.write_text(html)
     return path
 
 
 def text_table(data: dict[str, Any]) -> str:
-    lines = [f"{'strategy':10} {'checks':8} {'ready s':>8} {'node MiB':>9} {'x model':>8} "
+    width = max([10, *(len(r["strategy"]) for r in data["rows"])])
+    lines = [f"{'strategy':{width}} {'checks':8} {'ready s':>8} {'node peak':>11} {'x model':>8} "
              f"{'x naive':>8} {'rank0 x model':>14}"]
     for r in data["rows"]:
         naive = f"{r['node_total_x_naive']:.2f}" if r["node_total_x_naive"] is not None else "-"
-        lines.append(f"{r['strategy']:10} {'pass' if r['ok'] else 'FAIL':8} {r['ready_s']:8.2f} "
-                     f"{r['node_total'] / MIB:9.0f} {r['node_total_x_model']:8.2f} {naive:>8} "
-                     f"{r['rank0_x_model']:14.2f}")
+        lines.append(f"{r['strategy']:{width}} {'pass' if r['ok'] else 'FAIL':8} "
+                     f"{r['ready_s']:8.2f} {human_bytes(r['node_total']):>11} "
+                     f"{r['node_total_x_model']:8.2f} {naive:>8} {r['rank0_x_model']:14.2f}")
+    lines += [f"{r['strategy']}: {r['loading_verdict']}" for r in data["rows"]
+              if r["loading_verdict"]]
     return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""``SmpcheckCallback``: smpcheck inside ``transformers.Trainer`` (and TRL's trainers built on
+it), in one line.
+
+Where it runs, and why there: ``Trainer.train`` wraps the model (``accelerator.prepare``:
+FSDP1, FSDP2, DDP; or keeps transformers' own ``tp_plan`` DTensors), builds the optimizer,
+and only then fires ``on_train_begin``, before the first forward and the first optimizer step.
+Under FSDP the ``model`` that event receives *is* the wrapped model (the Trainer replaces
+``self.model`` with it); under DDP it is the module inside DDP, which holds the same tensors.
+So one ``verify`` there sees exactly what training will update, and a failure stops every
+rank before a single step is taken.
+
+Example:
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data,  # doctest: +SKIP
+    ...                   callbacks=[SmpcheckCallback()])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from smpcheck.integrations.outcome import (
+    check_on_failure,
+    checkpoint_of,
+    conclude,
+    rank,
+    timed_verify,
+    wrapping,
+)
+from smpcheck.report.model import Report
+
+DISABLE_ENV = "SMPCHECK_DISABLE"
+
+
+class SmpcheckCallback(TrainerCallback):
+    """Verify the wrapped model once, on every rank, before the first optimizer step.
+
+    Args:
+        checkpoint: safetensors directory the weights should equal (default: the model's
+            ``name_or_path`` when that is a local directory or a cached hub id; no checkpoint
+            parity otherwise, and never on a resumed run, whose weights have moved on).
+        checks: names of the checks to run (default: all of them).
+        on_failure: ``"raise"`` stops training on every rank with the same one-sentence
+            :class:`~smpcheck.integrations.outcome.SmpcheckFailed`; ``"warn"`` warns and
+            lets it go on.
+        report_dir: where rank 0 writes ``smpcheck-trainer.{html,json,junit.xml}`` (default:
+            ``<output_dir>/smpcheck``).
+        enabled: False makes every event a no-op (no collective, no file). Default: on,
+            unless the environment sets ``SMPCHECK_DISABLE=1``, so a launch script can switch
+            it off without editing the training script.
+
+    It verifies once per callback (a second ``train()`` would judge trained weights against the
+    checkpoint). After training starts, ``callback.report`` holds the report; its results are
+    the same on every rank.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None,
+                 checks: Iterable[str] | None = None, on_failure: str = "raise",
+                 report_dir: str | os.PathLike | None = None, enabled: bool | None = None,
+                 stem: str = "smpcheck-trainer") -> None:
+        self.checkpoint = checkpoint
+        self.checks = list(checks) if checks is not None else None
+        self.on_failure = check_on_failure(on_failure)
+        self.report_dir = report_dir
+        self.enabled = (os.environ.get(DISABLE_ENV, "0").lower() not in ("1", "true", "yes")
+                        if enabled is None else enabled)
+        self.stem = stem
+        self.report: Report | None = None
+        self._init_end: float | None = None
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.enabled:
+            self._init_end = time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       **kwargs: Any) -> None:
+        if not self.enabled or self.report is not None or model is None:
+            return
+        setup_s = time.perf_counter() - self._init_end if self._init_end else None
+        checkpoint, source = self._checkpoint_for(model, resumed=state.global_step > 0)
+        held = wrapping(model)
+        report, seconds = timed_verify(model, checkpoint=checkpoint, checks=self.checks,
+                                       environment_extra={
+                                           "integration": "transformers.Trainer",
+                                           "strategy": f"trainer-{held['wrapper']}",
+                                           **held, "checkpoint_source": source})
+        report.environment.update(verify_s=round(seconds, 3), trainer_setup_s=(
+            round(setup_s, 3) if setup_s is not None else None))
+        self.report = report
+        if rank() == 0:
+            print(f"[smpcheck] verify: {seconds:.2f} s on the {held['wrapper']}-wrapped model"
+                  f" ({'all checks passed' if report.ok else 'checks failed'})"
+                  + (f"; Trainer setup before it: {setup_s:.2f} s" if setup_s else ""),
+                  flush=True)
+        report_dir = self.report_dir or Path(args.output_dir) / "smpcheck"
+        conclude(report, report_dir=report_dir, stem=self.stem, on_failure=self.on_failure,
+                 where="the model the Trainer is about to train")
+
+    def _checkpoint_for(self, model: Any, resumed: bool) -> tuple[str | None, str]:
+        """The checkpoint to compare with, and where it came from (for the report)."""
+        if self.checkpoint is not None:
+            return str(self.checkpoint), "given"
+        if resumed:
+            return None, "none: training resumed from a Trainer checkpoint"
+        return checkpoint_of(model)

@@ -19,9 +19,9 @@ import transformers as T
 from smpcheck.integrations.loading import RankLoading, loading_verdict, probe_loading
 from smpcheck.integrations.outcome import SmpcheckFailed, conclude, failure_sentence
 from smpcheck.integrations.transformers import SmpcheckCallback
-from smpcheck.units import human_bytes
 from smpcheck.report.compare import compare, text_table, write_comparison
 from smpcheck.report.model import CheckResult, Finding, Report, Status
+from smpcheck.units import human_bytes
 from tests.models import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -128,14 +128,19 @@ class Counter:
 
 
 class PlainVerify(TrainerCallback):
-    """Runs ``smpcheck.verify`` by hand at the same moment, counting its collectives."""
+    """Runs ``smpcheck.verify`` by hand at the same moment, counting its collectives. It runs
+    twice and counts the second: the first forward through an FSDP1 model makes FSDP's own
+    one-time collectives (lazy init), which the callback's verify, run after it, never sees."""
 
     def __init__(self, counter: Counter, checkpoint: str) -> None:
-        self.counter, self.checkpoint, self.collectives = counter, checkpoint, None
+        self.counter, self.checkpoint, self.collectives, self.first = counter, checkpoint, None, 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import smpcheck
 
+        before = self.counter.total
+        smpcheck.verify(model, checkpoint=self.checkpoint)
+        self.first = self.counter.total - before
         before = self.counter.total
         smpcheck.verify(model, checkpoint=self.checkpoint)
         self.collectives = self.counter.total - before
@@ -159,7 +164,7 @@ def trainer_collectives(checkpoint: str, out: Path, version: int) -> dict[str, A
         trainer.train()
         counts[case] = {"total": counter.total, "in_callbacks": counter.in_callbacks,
                         "steps": trainer.state.global_step,
-                        "plain_verify": plain.collectives,
+                        "plain_verify": plain.collectives, "plain_first": plain.first,
                         "report": callback.report.environment if callback.report else None}
     return counts
 

@@ -119,13 +119,12 @@ class ConfigParity:
 
     def _buffer_findings(self, ctx: CheckContext, saved: Any,
                          field_findings: list[Finding]) -> list[Finding]:
-        cls = model_class(ctx.view.base)
-        if cls is None:
-            return []
-        expected = buffers_of(skeleton_of(cls, saved))
         fields = [f.tensor for f in field_findings if f.severity == "error"]
-        because = (f"computed from a config whose {', '.join(fields)} differ from config.json"
-                   if fields else "not what config.json computes")
+        cls = model_class(ctx.view.base)
+        if cls is None or not fields:  # the same config computes the same buffers: a wrong
+            return []  # buffer is then initialised's to name, not a drift
+        expected = buffers_of(skeleton_of(cls, saved))
+        because = f"computed from a config whose {', '.join(fields)} differ from config.json"
         findings = []
         for piece in ctx.pieces():
             want = expected.get(ctx.view.base_name(piece.name)[0])

@@ -48,13 +48,17 @@ BUCKETS = ((1, 1), (2, 3), (4, 7), (8, 63), (64, 1023), (1024, 16383), (16384, 1
 PIECE_COUNTS = (1, 2, 3, 4, 8, 16, 64)
 
 
-def random_rule(rng: random.Random) -> InitRule:
+def random_rule(rng: random.Random, narrow: bool) -> InitRule:
+    """Scales 1e-3..1, mostly centred on 0; uniforms sometimes one-sided (``[-s, 0]``) or
+    skewed; truncated normals cut at 100 stds (none), 2, or 1..3 stds, and with ``narrow``
+    also at 0.1..1 std (near-uniform shapes, drawn by inverting the CDF)."""
     family = rng.choice(FAMILIES)
     scale = 10 ** rng.uniform(-3, 0)
     mean = rng.choice((0.0, 0.0, 0.0, 1.0, -0.5))
-    cut = rng.choice((100.0, 2.0, rng.uniform(1.0, 3.0)))  # in stds; 100: untruncated
+    cut = rng.choice((100.0, 2.0, rng.uniform(1.0, 3.0)) + ((rng.uniform(0.1, 1.0),) * narrow))
+    skew = rng.choice((1.0, 1.0, 0.0, rng.random()))
     return rule_from(family, scale, mean if family != "constant" else rng.choice(
-        (0.0, 1.0, scale)), cut)
+        (0.0, 1.0, scale)), cut, skew)
 
 
 def log_uniform_int(rng: random.Random, top: int) -> int:
@@ -65,7 +69,7 @@ def correct_draws(count: int, top: int, rng: random.Random, gen: torch.Generator
     judged = failed = failed_draws = 0
     examples = []
     for _ in range(count):
-        rule, dtype = random_rule(rng), rng.choice(DTYPES)
+        rule, dtype = random_rule(rng, narrow=True), rng.choice(DTYPES)
         total = log_uniform_int(rng, top)
         if rule.kind != "constant" and rng.random() < 0.1:  # a padding row zeroed after
             rule = rule.with_(zeroed=rng.randint(1, max(1, total // 4)))
@@ -92,7 +96,7 @@ def garbage_draws(count: int, top: int, rng: random.Random, gen: torch.Generator
     tally: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     coarse: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for _ in range(count):
-        rule, dtype = random_rule(rng), rng.choice(DTYPES)
+        rule, dtype = random_rule(rng, narrow=False), rng.choice(DTYPES)
         kind, n = rng.choice(garbage_kinds(rule)), log_uniform_int(rng, top)
         values = garbage(rule, kind, n, dtype, gen)
         if rule.kind == "constant" and bool((values == rule.value).all()):

@@ -43,6 +43,9 @@ KURTOSIS_Z = 10.0
 #: smallest subnormal (6e-8) may round to 0.
 _COARSEST_RELATIVE = 2.0**-6
 _COARSEST_ABSOLUTE = 2.0**-25
+#: torch draws a bfloat16 uniform from 8 random bits: its values sit on a grid of 1/256 of the
+#: range (an exact `low` comes once in 256 draws), whatever dtype they are stored in later.
+_UNIFORM_GRID = 2.0**-8
 
 
 def _phi(z: float) -> float:
@@ -88,6 +91,7 @@ class _Law:
     density_max: float
     exact_normal: bool  # a normal (any truncation negligible): exact chi-square/z tests
     uniform: bool = False
+    grid: float = 0.0  # spacing of the values a generator can draw (0: as fine as rounding)
     mu: float = 0.0  # the untruncated normal and its standardised cut-offs and kept mass
     sigma: float = 1.0
     z_lo: float = -math.inf
@@ -99,7 +103,8 @@ class _Law:
         if rule.kind == "uniform":
             width = rule.high - rule.low
             return cls((rule.low + rule.high) / 2, width / math.sqrt(12), rule.low, rule.high,
-                       1 / width, exact_normal=False, uniform=True)
+                       1 / width, exact_normal=False, uniform=True,
+                       grid=width * _UNIFORM_GRID)
         mu, sigma = rule.mean, rule.std
         lo, hi = (rule.low, rule.high) if rule.kind == "trunc_normal" else (-math.inf, math.inf)
         a, b = (lo - mu) / sigma, (hi - mu) / sigma
@@ -107,9 +112,12 @@ class _Law:
         pa, pb = _phi(a), _phi(b)
         shift = (pa - pb) / mass
         spread = 1 + ((a * pa if pa else 0.0) - (b * pb if pb else 0.0)) / mass - shift**2
+        # torch draws a truncation keeping <= 30% of the mass by inverting the CDF of a
+        # uniform draw: the uniform's grid, stretched where the density is thinnest
+        grid = sigma * mass * _UNIFORM_GRID / min(pa, pb) if mass <= 0.3 else 0.0
         return cls(mu + sigma * shift, sigma * math.sqrt(max(spread, 0.0)), lo, hi,
                    _phi(min(max(0.0, a), b)) / (sigma * mass), mass > 1 - 1e-12,
-                   mu=mu, sigma=sigma, z_lo=a, z_hi=b, mass=mass)
+                   grid=grid, mu=mu, sigma=sigma, z_lo=a, z_hi=b, mass=mass)
 
     def _z(self, x: float) -> float:
         return min(max((x - self.mu) / self.sigma, self.z_lo), self.z_hi)
@@ -215,7 +223,7 @@ def _failures(law: _Law, st: ShardStats, rd: _Rounding, zeroed: bool):
     if not (zeroed and hi_y == 0) and hi_y - rd.at(hi_y) > law.hi:
         yield _Failure(0.0, f"value {fmt(hi_y)}", f"none above {fmt(law.hi)}",
                        "far too large: garbage?" if abs(hi_y) > 1e3 * law.hi else "")
-    width = hi_y - lo_y + rd.at(hi_y) + rd.at(lo_y)
+    width = hi_y - lo_y + rd.at(hi_y) + rd.at(lo_y) + 2 * law.grid
     p_cluster = math.exp(_log_p_cluster(n, law.density_max, width))
     if lo_y == hi_y:
         yield _Failure(p_cluster, f"all {n} values equal {fmt(lo_y)}", "a random spread",
@@ -250,7 +258,7 @@ def _failures(law: _Law, st: ShardStats, rd: _Rounding, zeroed: bool):
     yield _Failure(p_cluster, f"all {n} values within {fmt(hi_y - lo_y)} of each other",
                    "a random spread", "uninitialised memory?" if width < 1e-3 * law.std else "")
     # extremes that stay too close in: another law of the same spread (uniform for normal)
-    outside = law.sf(hi_y + rd.at(hi_y)) + law.cdf(lo_y - rd.at(lo_y))
+    outside = law.sf(hi_y + rd.at(hi_y) + law.grid) + law.cdf(lo_y - rd.at(lo_y) - law.grid)
     if outside >= TAIL_TRUST:
         yield _Failure(math.exp(n * math.log1p(-min(outside, 1.0))), spread,
                        f"the tails of {n} draws to reach further",
@@ -262,7 +270,8 @@ def _failures(law: _Law, st: ShardStats, rd: _Rounding, zeroed: bool):
         yield _Failure(math.erfc(abs(z) / math.sqrt(2)) if abs(z) > KURTOSIS_Z else 1.0,
                        f"kurtosis {fmt(st.kurtosis)}", "0, a normal's",
                        "a uniform init?" if z < 0 else "a heavy-tailed mixture: garbage?")
-    expected_zeros = n * max(law.cdf(rd.abs) - law.cdf(-rd.abs), GENERATOR_FLOOR)
+    near_zero = rd.abs + law.grid
+    expected_zeros = n * max(law.cdf(near_zero) - law.cdf(-near_zero), GENERATOR_FLOOR)
     k = st.zeros
     if k > expected_zeros:
         log_p = k * math.log(expected_zeros) - math.lgamma(k + 1)
@@ -341,7 +350,7 @@ def judge(rule: InitRule, stats: ShardStats, alpha: float = ALPHA) -> tuple[bool
         return True, (f"{_values(n)} within {rule.describe()}; its spread is close to the "
                       f"rounding allowed near its centre (+-{fmt(rd.at(law.mean))}), so only "
                       "gross garbage would fail")
-    evidence = math.exp(_log_p_cluster(n, law.density_max, 2 * rd.at(law.mean)))
+    evidence = math.exp(_log_p_cluster(n, law.density_max, 2 * (rd.at(law.mean) + law.grid)))
     if evidence >= alpha:
         return True, (f"{_values(n)} within {rule.describe()}; too few to tell a constant "
                       "from it, so only gross garbage would fail")

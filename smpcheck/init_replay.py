@@ -49,9 +49,11 @@ def meta_twin(module: nn.Module, shapes: Mapping[str, Sequence[int]] | None = No
     are dropped, and a PEFT base layer's TP mesh is hidden so no replay starts a collective.
 
     Args:
-        module: the module to twin (plain, FSDP2/TP-wrapped, or already on meta).
+        module: the module to twin (plain, FSDP1/FSDP2/TP-wrapped, or already on meta).
         shapes: full shapes by clean tensor name, for tensors whose local shape is not the
-            full one (FSDP1 flat views): the init rule depends on the fan-in.
+            full one (FSDP1 views of a flat shard; the rule depends on the fan-in). Named
+            tensors the module does not register (FSDP1 with ``use_orig_params=False``) are
+            re-created in the twin: ``smpcheck.pieces.fsdp1_full_shapes`` gives them all.
     """
     shapes = shapes or {}
     tensors: dict[int, torch.Tensor] = {}
@@ -84,7 +86,23 @@ def meta_twin(module: nn.Module, shapes: Mapping[str, Sequence[int]] | None = No
             for key, child in original._modules.items()}
         return copy
 
-    return twin("", module)
+    copy = twin("", module)
+    _restore_unregistered(copy, shapes)
+    return copy
+
+
+def _restore_unregistered(twin: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Register a meta parameter for each name in ``shapes`` the twin lacks, on the innermost
+    module of that clean name (FSDP1 keeps only plain views of its flat shard there)."""
+    present = {clean_name(n) for n, _ in twin.named_parameters(remove_duplicate=False)}
+    modules = {clean_name(name): m for name, m in twin.named_modules(remove_duplicate=False)}
+    for name, shape in shapes.items():
+        owner, _, attr = name.rpartition(".")
+        if name in present or owner not in modules:
+            continue
+        module = modules[owner]
+        module.__dict__.pop(attr, None)
+        module._parameters[attr] = nn.Parameter(torch.empty(tuple(shape), device="meta"))
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -207,7 +225,7 @@ class _Recorder(TorchDispatchMode):
         replaced = InitRule.unknown("replaced by a new tensor during init")
         return {clean_name(name): self.rules.get(key, untouched if key in self.numel
                                                  else replaced)
-                for name, tensor in self.tensors(named=True)
+                for name, tensor in self.tensors(named=True) if "_flat_param" not in name
                 for key in [_storage_key(tensor)]}
 
 
@@ -327,7 +345,7 @@ def hf_init(twin: nn.Module) -> None:
     for model in twin.modules():
         if isinstance(model, PreTrainedModel):
             model._init_weights = _named(model._init_weights,
-                                         f"{type(model).__name__}._init_weights")
+                                         f"{_class_name(model)}._init_weights")
     for model in outermost(twin):
         _untie(model)  # as built: tied tensors are initialised apart, then tied
         if hasattr(model, "initialize_weights"):
@@ -348,6 +366,13 @@ def _untie(model: nn.Module) -> None:
                 module._parameters[attr] = param
                 _recorder().track(param)
             seen.add(id(param))
+
+
+def _class_name(module: nn.Module) -> str:
+    """The model's own class name, not FSDP2's ``FSDP<Name>`` subclass of it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule)).__name__
 
 
 def _named(function: Callable, label: str) -> Callable:

@@ -34,13 +34,19 @@ from tests.init_garbage import (
 )
 from tests.models import _LLAMA_LIKE
 
+HEAD = InitRule.normal(0, 0.02, source="LlamaForSequenceClassification._init_weights")
+KAIMING = InitRule.uniform(-0.125, 0.125, via="kaiming_uniform_(a=2.24)")  # lora_A, fan-in 64
+ZEROS = InitRule.constant(0)
 RULES = [
-    InitRule.normal(0, 0.02, source="LlamaForSequenceClassification._init_weights"),
+    HEAD,
     InitRule.normal(0, 0.25),  # LoRA "gaussian", r=4
-    InitRule.uniform(-0.125, 0.125, via="kaiming_uniform_(a=2.24)"),  # lora_A, fan-in 64
+    KAIMING,
+    InitRule.uniform(0, 2),
     InitRule.trunc_normal(0, 0.02, -2, 2),
     InitRule.trunc_normal(0, 1, -1.5, 1.5),
-    InitRule.constant(0),
+    InitRule.trunc_normal(0, 1, -0.2, 0.2),  # narrow: drawn by inverting the CDF
+    InitRule.trunc_normal(0, 0.02, 0.02, 0.06),  # a tail window
+    ZEROS,
     InitRule.constant(1),
 ]
 SIZES = (1, 2, 3, 7, 64, 1000, 10_000, 1_000_000)
@@ -84,19 +90,19 @@ def test_every_garbage_kind_fails(rule: InitRule, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize(("values", "rule", "words"), [
-    (torch.randn(1000, generator=gen()) * 1.3e-18, RULES[0], "std 1.34e-18, expected 0.02 "
+    (torch.randn(1000, generator=gen()) * 1.3e-18, HEAD, "std 1.34e-18, expected 0.02 "
      "(normal(0, 0.02) from LlamaForSequenceClassification._init_weights): uninitialised memory?"),
-    (torch.zeros(64), RULES[0], "all zeros: never initialised"),
-    (torch.full((64,), 6.9e-18), RULES[0], "all 64 values equal 6.9e-18, expected a random "
+    (torch.zeros(64), HEAD, "all zeros: never initialised"),
+    (torch.full((64,), 6.9e-18), HEAD, "all 64 values equal 6.9e-18, expected a random "
      "spread (normal(0, 0.02) from LlamaForSequenceClassification._init_weights): "
      "uninitialised memory?"),
-    (torch.full((64,), 0.01), RULES[0], "all 64 values equal 0.01"),
-    (torch.empty(4096).uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5), RULES[0], "a uniform init"),
-    (torch.randn(1000, generator=gen()), RULES[0], "expected 0.02 (normal(0, 0.02) from "
+    (torch.full((64,), 0.01), HEAD, "all 64 values equal 0.01"),
+    (torch.empty(4096).uniform_(-0.02 * 3**0.5, 0.02 * 3**0.5), HEAD, "a uniform init"),
+    (torch.randn(1000, generator=gen()), HEAD, "expected 0.02 (normal(0, 0.02) from "
      "LlamaForSequenceClassification._init_weights): another rule's scale?"),
-    (torch.randn(1000) * 0.125 / 3**0.5, RULES[2], "expected none below"),
-    (torch.empty(64).uniform_(-0.125, 0.125), RULES[5], "expected all 0 (constant(0))"),
-    (torch.tensor([0.01, math.nan]), RULES[0], "1 of 2 values are NaN or Inf"),
+    (torch.randn(1000) * 0.125 / 3**0.5, KAIMING, "expected none below"),
+    (torch.empty(64).uniform_(-0.125, 0.125), ZEROS, "expected all 0 (constant(0))"),
+    (torch.tensor([0.01, math.nan]), HEAD, "1 of 2 values are NaN or Inf"),
 ])
 def test_sentences_say_what_was_expected_and_seen(values, rule, words) -> None:
     ok, sentence = judge(rule, shard_stats(values))
@@ -104,11 +110,11 @@ def test_sentences_say_what_was_expected_and_seen(values, rule, words) -> None:
 
 
 def test_small_pieces_pass_but_say_they_carry_little_evidence() -> None:
-    ok, sentence = judge(RULES[0], shard_stats(torch.tensor([6.9e-18])))
+    ok, sentence = judge(HEAD, shard_stats(torch.tensor([6.9e-18])))
     assert ok and "too few" in sentence, sentence
-    ok, sentence = judge(RULES[0], shard_stats(torch.tensor([0.5])))  # 25 std out: gross
+    ok, sentence = judge(HEAD, shard_stats(torch.tensor([0.5])))  # 25 std out: gross
     assert not ok and sentence.startswith("std 0.5, expected 0.02"), sentence
-    assert judge(RULES[0], shard_stats(torch.empty(0)))[0]
+    assert judge(HEAD, shard_stats(torch.empty(0)))[0]
     coarse = InitRule.normal(1, 0.002)  # bfloat16 rounds near 1 by more than its spread
     ok, sentence = judge(coarse, shard_stats(correct(coarse, (1000,), torch.bfloat16, gen())))
     assert ok and "rounding" in sentence, sentence
@@ -153,7 +159,8 @@ def test_stats_of_chunks_and_pieces_combine_exactly() -> None:
 def sharded_inits(draw):
     family = draw(st.sampled_from(FAMILIES))
     rule = rule_from(family, draw(st.floats(1e-3, 1.0)),
-                     draw(st.sampled_from((0.0, 0.0, 1.0, -0.5))), draw(st.floats(1.0, 100.0)))
+                     draw(st.sampled_from((0.0, 0.0, 1.0, -0.5))), draw(st.floats(0.1, 100.0)),
+                     draw(st.sampled_from((1.0, 0.0, 0.001, 0.5))))
     rows, cols = draw(st.integers(1, 300)), draw(st.integers(1, 300))
     if family != "constant" and draw(st.booleans()):
         rule = rule.with_(zeroed=draw(st.integers(1, cols)))
@@ -287,3 +294,46 @@ def test_meta_twin_uses_full_shapes_and_holds_no_memory() -> None:
     assert rules["weight"].describe() == (
         "uniform(-0.125, 0.125) by kaiming_uniform_(a=2.24) from Linear.reset_parameters")
     assert not local.weight.is_meta
+
+
+# --- on real process groups: each rank judges the pieces it holds -------------------------
+
+def judge_fresh_pieces(path: str, layout: str, bad_rank: int | None) -> dict[str, tuple]:
+    """Rank function: load a causal-LM checkpoint into a classification model (a fresh
+    ``score`` head, identical on every rank by seed), wrap it, plant tiny garbage in this
+    rank's piece of ``score.weight`` on ``bad_rank``, judge every piece this rank holds."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+
+    from smpcheck.pieces import fsdp1_full_shapes, iter_pieces
+
+    torch.manual_seed(0)
+    model = T.LlamaForSequenceClassification.from_pretrained(path, num_labels=3)
+    if layout == "fsdp2":
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    else:
+        model = FSDP(model, device_id=torch.device("cpu"), use_orig_params=False)
+    shapes = {name: shape for name, (shape, _) in fsdp1_full_shapes(model).items()}
+    rules = fresh_init_rules(model, shapes=shapes)
+    pieces_held = {p.name: p for p in iter_pieces(model)}
+    if dist.get_rank() == bad_rank:
+        with torch.no_grad():
+            pieces_held["score.weight"].data.fill_(6.9e-18)
+    return {name: (*judge(rules[name], shard_stats(p.data)), p.data.numel())
+            for name, p in pieces_held.items() if name == "score.weight"}
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "fsdp1-flat"])
+def test_each_rank_judges_its_shard_of_a_fresh_head(ranks, checkpoints, layout) -> None:
+    path = str(checkpoints["llama-gqa-untied"])
+    clean = ranks(judge_fresh_pieces, 2, args=(path, layout, None))
+    assert all(v[0] for rank in clean for v in rank.values()), clean
+    assert sum(rank["score.weight"][2] for rank in clean if rank) == 96  # pieces of 3 x 32
+    bad = max(r for r, rank in enumerate(clean) if rank)
+    planted = ranks(judge_fresh_pieces, 2, args=(path, layout, bad))
+    assert all(rank["score.weight"][0] for r, rank in enumerate(planted) if rank and r != bad)
+    ok, sentence, _ = planted[bad]["score.weight"]
+    assert not ok and "uninitialised memory?" in sentence, sentence

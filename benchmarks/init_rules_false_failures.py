@@ -1,10 +1,10 @@
 """How often the fresh-init judge fails a correct init, and how often it misses garbage.
 
 Correct draws: a random rule (normal, uniform, truncated normal, constant; random scale and
-mean), a random 2-D shape of 1 to --max-elements elements, a random dtype (float32, bfloat16,
-float16; drawn in it or in float32 and cast), cut into 1 to 64 pieces as FSDP2 rows, TP
-columns or FSDP1 flat ranges; every piece is judged, and so is the merge of all pieces.
-Target: no failure at all.
+mean; one in ten with a zeroed padding row), a random 2-D shape of 1 to --max-elements
+elements, a random dtype (float32, bfloat16, float16; drawn in it or in float32 and cast), cut
+into 1 to 64 pieces as FSDP2 rows, TP columns or FSDP1 flat ranges; every piece is judged, and
+so is the merge of all pieces. Target: no failure at all.
 
 Garbage draws: a random rule and a random kind of garbage (tests/init_garbage.py: tiny,
 zeros, constant, huge, NaN, Inf, another law of the same variance, a x50 spread) in one piece

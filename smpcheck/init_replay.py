@@ -105,8 +105,12 @@ def _restore_unregistered(twin: nn.Module, shapes: Mapping[str, Sequence[int]]) 
         module._parameters[attr] = nn.Parameter(torch.empty(tuple(shape), device="meta"))
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    """What all views of one tensor share (``None`` for tensors without storage)."""
+    try:
+        return tensor.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: float) -> object:
@@ -151,9 +155,11 @@ class _Recorder(TorchDispatchMode):
             self.rules[key] = rule
             return
         old = self.rules.get(key)
-        if old is None:
-            return  # a part written before the whole is written: the whole write decides
-        if rule.kind == "constant" and rule.value == 0 and old.kind in (
+        if old is None:  # a later write of the whole would decide
+            self.rules[key] = InitRule.unknown(
+                f"only {tensor.numel()} of its {self.numel[key]} elements written, by "
+                f"{rule.describe()}", **self.how())
+        elif rule.kind == "constant" and rule.value == 0 and old.kind in (
                 "normal", "uniform", "trunc_normal"):
             self.rules[key] = old.with_(zeroed=old.zeroed + tensor.numel())
         elif not (old.kind == rule.kind == "constant" and old.value == rule.value):
@@ -197,12 +203,12 @@ class _Recorder(TorchDispatchMode):
               kwargs: dict) -> Iterator[None]:
         """Inside one call of a torch.nn.init function: label its writes, or judge it from
         its arguments when its writes say nothing on meta."""
-        bound = inspect.signature(function).bind(tensor, *args, **kwargs)
-        params = inspect.signature(function).parameters
+        signature = inspect.signature(function)
+        bound = signature.bind(tensor, *args, **kwargs)
         shown = ", ".join(
             f"{key}={fmt(value) if isinstance(value, float) else value}"
             for key, value in list(bound.arguments.items())[1:]
-            if key != "generator" and value != params[key].default)
+            if isinstance(value, (int, float, str)) and value != signature.parameters[key].default)
         self.frames.append((name, f"{name}({shown})"))
         by_args = name in _BY_ARGS
         if by_args and not self.muted:
@@ -387,19 +393,26 @@ def peft_init(twin: nn.Module) -> None:
     then ``reset_lora_parameters(adapter, init_lora_weights)`` for ``True``/``"gaussian"``;
     ``False`` keeps the construction values. Other ``init_lora_weights`` (PiSSA, OLoRA,
     LoftQ, EVA, CorDA, orthogonal, ...) and DoRA magnitudes derive from the base weight or
-    from data: marked unknown."""
+    from data, and other PEFT tuners' layers (IA3, LoHa, ...) are not replayed: unknown."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     configs = next((m.peft_config for m in twin.modules()
                     if isinstance(getattr(m, "peft_config", None), dict)), {})
     for layer in twin.modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        for adapter in [*layer.lora_A.keys(), *layer.lora_embedding_A.keys()]:
-            how = getattr(configs.get(adapter), "init_lora_weights", True)
-            _lora_adapter_init(layer, adapter, how)
+        if isinstance(layer, LoraLayer):
+            for adapter in [*layer.lora_A.keys(), *layer.lora_embedding_A.keys()]:
+                how = getattr(configs.get(adapter), "init_lora_weights", True)
+                _lora_adapter_init(layer, adapter, how)
+        elif isinstance(layer, BaseTunerLayer):
+            base = {id(t) for t in layer.get_base_layer().parameters()}
+            for tensor in layer.parameters():
+                if id(tensor) not in base:
+                    tuner = f"{type(layer).__module__.split('.')[-2]}.{type(layer).__name__}"
+                    mark_unknown(tensor, f"PEFT's {tuner} init is not replayed")
 
 
 def _lora_adapter_init(layer: nn.Module, adapter: str, how: object) -> None:

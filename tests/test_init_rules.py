@@ -120,6 +120,15 @@ def test_small_pieces_pass_but_say_they_carry_little_evidence() -> None:
     assert ok and "rounding" in sentence, sentence
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_far_tail_truncations_torch_draws_imprecisely_are_judged_by_their_bounds(dtype) -> None:
+    rule = InitRule.trunc_normal(0, 1, 1, 100)  # torch's erfinv strays to 30 stds and more
+    ok, sentence = judge(rule, shard_stats(correct(rule, (5000,), dtype, gen())))
+    assert ok and "only its bounds are judged" in sentence, sentence
+    ok, sentence = judge(rule, shard_stats(torch.zeros(100, dtype=dtype)))
+    assert not ok and "none below 1" in sentence, sentence
+
+
 def test_zeroed_rows_are_allowed_and_no_more() -> None:
     rule = InitRule.normal(0, 0.02, zeroed=32)  # an embedding's padding row
     values = correct(rule, (64, 32), torch.float32, gen())
@@ -263,6 +272,13 @@ def test_replay_lora_gaussian_and_data_dependent_inits() -> None:
         adapters = lora_names(rules, "lora_A") + lora_names(rules, "lora_B")
         assert adapters and all(rules[n].kind == "unknown" and how in rules[n].reason
                                 for n in adapters)
+    from peft import IA3Config, get_peft_model
+
+    ia3 = get_peft_model(T.LlamaForCausalLM(tiny_config()), IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    rules = {k: v for k, v in fresh_init_rules(ia3).items() if ".ia3_l." in k}
+    assert rules and all(v.reason == "PEFT's ia3.Linear init is not replayed"
+                         for v in rules.values())
 
 
 def test_replay_names_trunc_normal_and_orthogonal_and_marks_rewrites_unknown() -> None:

@@ -22,7 +22,7 @@ from smpcheck.tensors import local_view
 #: its page faults (a 1e6-element float64 op took 4 ms here, 0.3 ms in a reused buffer); large
 #: on accelerators, where each op costs a launch.
 CPU_CHUNK_ELEMENTS = 1 << 16
-DEVICE_CHUNK_ELEMENTS = 1 << 24
+DEVICE_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)

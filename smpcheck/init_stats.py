@@ -20,8 +20,8 @@ from smpcheck.tensors import local_view
 
 #: Elements per float64 chunk: small on CPU, where a fresh temporary of megabytes costs its
 #: page faults (one float64 op on 1e6 elements took 4 ms here, numpy's 0.24 ms; shard_stats
-#: of 1e6 values takes 8 ms in 2**16 chunks, 24 ms in one), and stays under torch's
-#: parallel grain; larger on accelerators, where each op costs a launch.
+#: of 1e6 values takes 8 ms in 2**16 chunks, 24 ms in one, single-threaded); larger on
+#: accelerators, where each op costs a launch.
 CPU_CHUNK_ELEMENTS = 1 << 16
 DEVICE_CHUNK_ELEMENTS = 1 << 22
 

@@ -51,6 +51,7 @@ def verify(
     process_group: Any = None,
     checks: Iterable[str] | None = None,
     adapter: str | os.PathLike | None = None,
+    config_overrides: dict[str, Any] | None = None,
     memory: tuple[MemoryRecord, Bound] | None = None,
     environment_extra: dict[str, Any] | None = None,
 ) -> Report:
@@ -69,6 +70,9 @@ def verify(
             checkpoint_parity, tp_shards, tp_numerics, memory.
         adapter: the PEFT adapter directory the model's adapters were loaded from; they are
             then compared with its file instead of judged as a fresh init.
+        config_overrides: config fields changed on purpose at load
+            (``from_pretrained(path, **overrides)``): config_parity applies them to
+            ``config.json`` before comparing.
         memory: this rank's monitor record and bound, for the memory check and the report.
         environment_extra: more facts for the report's environment (strategy, TP degree).
 
@@ -96,6 +100,7 @@ def verify(
         process_group,
         {"memory": memory} if memory else {},
         adapter=Path(adapter) if adapter else None,
+        config_overrides=dict(config_overrides or {}),
         checks=tuple(names),
     )
     run = run_checks(ctx, [ALL_CHECKS[n]() for n in names])

@@ -6,6 +6,7 @@ from smpcheck.checks.base import AnyCheck, Check, CheckContext, CollectiveCheck
 from smpcheck.checks.checkpoint_parity import CheckpointParity
 from smpcheck.checks.config_parity import ConfigParity
 from smpcheck.checks.forward import ForwardSmoke
+from smpcheck.checks.fresh_init import FreshInit
 from smpcheck.checks.initialised import Initialised
 from smpcheck.checks.memory import MemoryCheck
 from smpcheck.checks.preflight import Preflight
@@ -20,6 +21,7 @@ ALL_CHECKS: dict[str, type[AnyCheck]] = {
         Initialised,
         RankParity,
         CheckpointParity,
+        FreshInit,
         TPShards,
         ForwardSmoke,
         TPNumerics,

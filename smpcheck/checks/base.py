@@ -65,6 +65,7 @@ class CheckContext:
     process_group: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     adapter: Path | None = None  # a PEFT adapter directory the adapters were loaded from
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # declared on purpose
     checks: tuple[str, ...] = ()  # the checks this verify runs (some share work)
 
     def __post_init__(self) -> None:

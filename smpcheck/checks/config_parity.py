@@ -11,9 +11,14 @@ compared field by field; the buffers are recomputed from the file's config and c
 Which differences are benign is read off the class hierarchy, not listed by hand: fields that
 every ``PretrainedConfig`` has (provenance, output switches, label names, dtype) steer loading
 and outputs, not the architecture's math, so they are warnings (dtype not even that when it is
-the parameters' own dtype); fields the model's own config class declares are errors, except
-``use_cache``, a runtime switch that training loops flip (gradient checkpointing turns it off).
-Fields whose names start with ``_`` are transformers' runtime internals (attention kernel).
+the parameters' own dtype). Fields the model's own config class declares are errors, except
+those that steer training and data rather than the network's function, which fine-tuning
+scripts set on purpose: dropout rates (active only in training), special token ids (padding
+and pooling), the init range (fresh tensors only) and ``use_cache`` (gradient checkpointing
+turns it off). Fields whose names start with ``_`` are transformers' runtime internals.
+Overrides the user declares (``verify(config_overrides=...)``; ``smpcheck run`` passes its
+``--num-labels`` and ``--config``) are applied to the file's config before comparing, exactly
+as ``from_pretrained(path, **overrides)`` applies them.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from smpcheck.report.model import CheckResult, Finding
 from smpcheck.skeleton import buffers_of, model_class, skeleton_of
 
 PROVENANCE = ("_name_or_path", "transformers_version")  # where and by which version it was saved
-RUNTIME_SWITCHES = ("use_cache",)
+TRAINING_FIELDS = ("initializer_range", "use_cache")  # plus *dropout* and *_token_id(s)
 DRIFT_HINT = ("the config the model runs with lost or changed this field on the way from "
               "config.json: load the config from the checkpoint unchanged (or pass the same "
-              "override on every rank), then rebuild the model and its buffers")
+              "override on every rank), then rebuild the model and its buffers; if you changed "
+              "it on purpose, declare it: verify(config_overrides={...})")
 
 
 @dataclass
@@ -60,12 +66,18 @@ def _generic_fields() -> set[str]:
     return set(PretrainedConfig().to_dict())
 
 
+def steers_training(field: str) -> bool:
+    """A field that steers training or data handling, not what the network computes."""
+    return (field in TRAINING_FIELDS or "dropout" in field
+            or field.endswith(("_token_id", "_token_ids")))
+
+
 def classify(field: str, generic: set[str]) -> str | None:
     """"error", "warning", or None (not worth a word) for a field whose values differ."""
     top = field.split(".")[0]
     if top in PROVENANCE or top.startswith("_"):
         return None
-    if top in generic or top in RUNTIME_SWITCHES:
+    if top in generic or steers_training(top):
         return "warning"
     return "error"
 
@@ -96,7 +108,7 @@ class ConfigParity:
             folder = folder.parent
         if folder is None or not (folder / "config.json").exists():
             return Summary(running, [], False)
-        saved = type(config).from_pretrained(folder)
+        saved = type(config).from_pretrained(folder, **ctx.config_overrides)
         findings = self._field_findings(ctx, flatten(saved.to_dict()), running)
         findings += self._buffer_findings(ctx, saved, findings)
         return Summary(running, findings, True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import safe_open
 from torch import nn
 
@@ -28,6 +29,8 @@ from smpcheck.memory import ModelSize
 
 _STORED_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
                  "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+FINGERPRINT_SAMPLES = 64  # blocks read per rank to tell two copies of a checkpoint apart
+FINGERPRINT_BLOCK = 1 << 16
 _LAYER = re.compile(r"\.(layers|layer|h|blocks)\.\d+\.")
 
 
@@ -156,6 +159,31 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {key} from {self.files[key]}: {exc}") from exc
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def fingerprint(self, samples: int = FINGERPRINT_SAMPLES,
+                    block: int = FINGERPRINT_BLOCK) -> str:
+        """A digest of what these files hold, cheap on any size: every file's name, size and
+        header, and ``samples`` blocks of ``block`` bytes at the same offsets of the data
+        wherever it runs. Two hosts whose copies differ (a stale checkpoint on one node)
+        get different fingerprints unless they differ only between the sampled blocks."""
+        hasher = xxhash.xxh3_128()
+        files = sorted(set(self.files.values()))
+        sizes = [f.stat().st_size for f in files]
+        total = sum(sizes)
+        offsets = [total * i // samples for i in range(samples)]
+        start = 0
+        for file, size in zip(files, sizes):
+            with open(file, "rb") as handle:
+                header = handle.read(8 + int.from_bytes(handle.read(8), "little")) if size >= 8 \
+                    else b""
+                hasher.update(f"{file.name}|{size}|".encode() + header)
+                for offset in (o - start for o in offsets if start <= o < start + size):
+                    handle.seek(offset)
+                    hasher.update(handle.read(block))
+            self.bytes_read += len(header) + block * sum(start <= o < start + size
+                                                         for o in offsets)
+            start += size
+        return hasher.hexdigest()
 
     def sizes(self, dtype: torch.dtype | None = None) -> ModelSize:
         """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all

@@ -22,9 +22,16 @@ from smpcheck.source import UsageError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one sentence (exit 2), not usage + error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smpcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="smpcheck", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="load, [transform], wrap and check a model on N ranks")
     run.add_argument("model", nargs="?", help="checkpoint directory or cached hub id "
@@ -65,16 +72,24 @@ def _options(args: argparse.Namespace, world: int):
     import torch
     from transformers import AutoConfig
 
+    from reference_impl.loading import model_class_for
     from reference_impl.tp_plans import TPConfigError, check_tp_config
+    from smpcheck.inputs import validate
     from smpcheck.source import resolve
     from smpcheck.strategies import STRATEGIES, RunOptions
 
     if args.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {args.strategy!r}; choose one of "
                          f"{', '.join(STRATEGIES)}")
+    for flag in ("tp", "timeout", "rendezvous_timeout"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got "
+                             f"{getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device here")
+    _check_report_dir(Path(args.report_dir))
     source = resolve(args.model)
+    validate(source.path, model_class_for)
     tp = world if args.strategy == "tp_plan" and args.tp == 1 else args.tp
     if args.strategy == "tp_plan" and tp != world:
         raise UsageError(f"--strategy tp_plan shards over the whole world ({world} ranks); "
@@ -87,6 +102,15 @@ def _options(args: argparse.Namespace, world: int):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return RunOptions(source=source, strategy=args.strategy, tp=tp, device=args.device,
                       dtype=dtype)
+
+
+def _check_report_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report-dir {path} cannot be created: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--report-dir {path} is not writable here")
 
 
 def _check_nproc(args: argparse.Namespace) -> None:
@@ -112,8 +136,10 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
     import torch.distributed as dist
 
     from smpcheck.job import run_job
-    from smpcheck.launch import arm_watchdog, init_from_env
+    from smpcheck.launch import arm_watchdog, die_with_parent, init_from_env
 
+    if os.environ.get("SMPCHECK_SELF_LAUNCHED"):
+        die_with_parent()
     arm_watchdog(deadline or time.time() + timeout, timeout)
     init_from_env(opts.device, rdzv_timeout)
     try:
@@ -133,7 +159,7 @@ def _stem(strategy: str, tp: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from smpcheck.launch import TIMED_OUT, launcher_world, self_launch
+    from smpcheck.launch import launcher_world
 
     world = launcher_world()
     if world is not None:  # one rank of torchrun / srun
@@ -142,29 +168,66 @@ def _run(args: argparse.Namespace) -> int:
                           args.rendezvous_timeout)
     _check_nproc(args)
     opts = _options(args, args.nproc_per_node)
-    stem = _stem(opts.strategy, opts.tp)
+    return _launch(args, opts, _stem(opts.strategy, opts.tp))
+
+
+def _launch(args: argparse.Namespace, opts, stem: str) -> int:
+    """Self-launch the ranks; a failed run ends in one sentence on stderr, the launcher's own
+    messages go to the log beside the report."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    try:
-        codes = self_launch(args.nproc_per_node, rank_entry,
-                            (opts, args.report_dir, stem, args.timeout,
-                             args.rendezvous_timeout, time.time() + args.timeout))
-    except ChildFailedError as exc:
-        failures = exc.failures
-        if any(f.exitcode == TIMED_OUT for f in failures.values()):
-            ranks = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
-            print(f"smpcheck: ranks {ranks} were still running after --timeout "
-                  f"{args.timeout:.0f} s and were stopped; each rank's stack is printed above",
-                  file=sys.stderr)
-            return 1
-        # The cause is the failure that is not a peer losing its connection to the failed
-        # rank (gloo says so in words); among equals, the earliest.
-        rank, failure = min(failures.items(), key=lambda item: (
-            _peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
-        print(f"smpcheck: rank {rank} failed (exit code {failure.exitcode}): "
-              f"{failure.message or 'see its output above'}", file=sys.stderr)
-        return 1
-    return max(codes.values())
+    from smpcheck.launch import held_launcher_logs, self_launch
+
+    started = time.time()
+    with held_launcher_logs() as launcher_lines:
+        try:
+            codes = self_launch(args.nproc_per_node, rank_entry,
+                                (opts, args.report_dir, stem, args.timeout,
+                                 args.rendezvous_timeout, started + args.timeout))
+        except ChildFailedError as exc:
+            failures = exc.failures
+        else:
+            return max(codes.values())
+    log = Path(args.report_dir) / f"{stem}.log"
+    with log.open("a") as out:
+        out.write("\n--- the launcher (torch elastic)\n" + "\n".join(launcher_lines) + "\n")
+    print(f"smpcheck: {_failure_sentence(args, failures, stem, started)}", file=sys.stderr)
+    return 1
+
+
+def _failure_sentence(args: argparse.Namespace, failures: dict, stem: str,
+                      started: float) -> str:
+    """What went wrong, from the report rank 0 wrote for this run, else from the launcher's
+    record of the ranks that exited."""
+    from smpcheck.failures import is_peer_loss
+    from smpcheck.launch import TIMED_OUT
+    from smpcheck.report.model import Report
+
+    log = Path(args.report_dir) / f"{stem}.log"
+    timed_out = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
+    if timed_out:
+        return (f"ranks {timed_out} were still running after --timeout {args.timeout:.0f} s "
+                "and were stopped; each rank's stack is printed above")
+    json_path = Path(args.report_dir) / f"{stem}.json"
+    if json_path.exists() and json_path.stat().st_mtime >= started:
+        report = Report.from_json(json_path)
+        failed = next((r for r in report.results if r.traceback), None)
+        if failed is not None:
+            named = "; ".join(f.sentence() for f in failed.findings[:3])
+            if len(failed.findings) > 3:
+                named += f"; and {len(failed.findings) - 3} more"
+            return (f"{failed.message}{': ' + named if named else ''}; report "
+                    f"{json_path.with_suffix('.html')}, tracebacks in {log}")
+    # No report from this run: the cause is the failure that is not a peer losing its
+    # connection to the failed rank; among equals, the earliest.
+    rank, failure = min(failures.items(), key=lambda item: (
+        is_peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
+    message = failure.message
+    if isinstance(message, dict):  # the error file @record wrote: {'message': ..., ...}
+        message = message.get("message", "")
+    first = next((line for line in str(message).splitlines() if line.strip()), "")
+    return (f"rank {rank} failed (exit code {failure.exitcode}) before a report was written: "
+            f"{first or 'see its output above'}; the launcher's messages are in {log}")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -189,11 +252,6 @@ def _compare(args: argparse.Namespace) -> int:
     print(text_table(compare(reports)))
     print(f"[smpcheck] comparison: {out}")
     return worst
-
-
-def _peer_loss(message: str) -> bool:
-    return any(words in message for words in ("remote worker", "Connection closed by peer",
-                                               "Connection reset by peer"))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -233,8 +291,8 @@ def _env() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "run":
             return _run(args)
         if args.command == "compare":

@@ -57,6 +57,8 @@ class CheckResult:
     message: str
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
+    # What raised, when something did: kept for the JSON report; the user sees ``message``.
+    traceback: str = ""
 
     @property
     def errors(self) -> list[Finding]:
@@ -70,6 +72,7 @@ class Report:
     results: list[CheckResult]
     environment: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    log: str = ""  # the log beside the report, when a rank failed: every traceback in full
 
     @property
     def ok(self) -> bool:
@@ -114,10 +117,12 @@ class Report:
                 message=r["message"],
                 findings=[Finding(**f) for f in r["findings"]],
                 seconds=r.get("seconds", 0.0),
+                traceback=r.get("traceback", ""),
             )
             for r in data["results"]
         ]
-        return cls(results, data.get("environment", {}), data.get("memory", {}))
+        return cls(results, data.get("environment", {}), data.get("memory", {}),
+                   data.get("log", ""))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Report:

@@ -191,35 +191,23 @@ def _launch(args: argparse.Namespace, opts, stem: str) -> int:
     log = Path(args.report_dir) / f"{stem}.log"
     with log.open("a") as out:
         out.write("\n--- the launcher (torch elastic)\n" + "\n".join(launcher_lines) + "\n")
-    print(f"smpcheck: {_failure_sentence(args, failures, stem, started)}", file=sys.stderr)
-    return 1
+    json_path = Path(args.report_dir) / f"{stem}.json"
+    if not (json_path.exists() and json_path.stat().st_mtime >= started):
+        print(f"smpcheck: {_launcher_sentence(args, failures, log)}", file=sys.stderr)
+    return 1  # else rank 0 wrote the report and said what failed
 
 
-def _failure_sentence(args: argparse.Namespace, failures: dict, stem: str,
-                      started: float) -> str:
-    """What went wrong, from the report rank 0 wrote for this run, else from the launcher's
-    record of the ranks that exited."""
+def _launcher_sentence(args: argparse.Namespace, failures: dict, log: Path) -> str:
+    """What went wrong when no rank wrote a report, from the launcher's record of the ranks
+    that exited: a timeout, or the failure that is not a peer losing its connection to the
+    failed rank (among equals, the earliest)."""
     from smpcheck.failures import is_peer_loss
     from smpcheck.launch import TIMED_OUT
-    from smpcheck.report.model import Report
 
-    log = Path(args.report_dir) / f"{stem}.log"
     timed_out = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
     if timed_out:
         return (f"ranks {timed_out} were still running after --timeout {args.timeout:.0f} s "
                 "and were stopped; each rank's stack is printed above")
-    json_path = Path(args.report_dir) / f"{stem}.json"
-    if json_path.exists() and json_path.stat().st_mtime >= started:
-        report = Report.from_json(json_path)
-        failed = next((r for r in report.results if r.traceback), None)
-        if failed is not None:
-            named = "; ".join(f.sentence() for f in failed.findings[:3])
-            if len(failed.findings) > 3:
-                named += f"; and {len(failed.findings) - 3} more"
-            return (f"{failed.message}{': ' + named if named else ''}; report "
-                    f"{json_path.with_suffix('.html')}, tracebacks in {log}")
-    # No report from this run: the cause is the failure that is not a peer losing its
-    # connection to the failed rank; among equals, the earliest.
     rank, failure = min(failures.items(), key=lambda item: (
         is_peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
     message = failure.message

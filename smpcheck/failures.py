@@ -49,7 +49,7 @@ from typing import Any, NoReturn
 
 from smpcheck.report.model import CheckResult, Finding, Status
 
-POLL_S = 0.1  # how often a watcher looks at the store
+POLL_S = 0.25  # how often a watcher looks at the store (a cheap check on its own connection)
 COLLECT_S = 1.0  # how long rank 0 waits for more ranks to post after the first failure
 REPORT_GRACE_S = 30.0  # how long a rank waits for rank 0's report before exiting anyway
 EXIT_FAILED = 1

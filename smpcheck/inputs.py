@@ -10,7 +10,7 @@ checked in well under a second plus the time to build its architecture on the me
   each with a known dtype and a byte length equal to its dtype's size x its shape (the rules
   ``safe_open`` enforces, so what passes here loads there);
 * a sharded index is JSON, names only files that exist, every key it lists is in the file it
-  names, and no key is in two files;
+  names, every key of those files is listed, and no key is in two files;
 * every checkpoint tensor that the model loads one-to-one (through the model's own renames)
   has the shape the config builds. Tensors the model fuses on load (MoE experts) and those the
   model lacks are left to the checks: a missing tensor is a data fault (exit 1, named).
@@ -157,6 +157,12 @@ def _indexed_headers(index: Path) -> dict[str, TensorHeader]:
             where = f"it is in {seen[key].file.name}" if key in seen else "no shard holds it"
             raise UsageError(f"{index} puts {key} in {name}, but {where}: the index and the "
                              "shards disagree; rewrite the index or re-copy the shards")
+    unlisted = sorted(set(seen) - set(weight_map))
+    if unlisted:
+        raise UsageError(f"{seen[unlisted[0]].file} holds {unlisted[0]}"
+                         f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}, "
+                         f"which {index.name} does not list: the index and the shards disagree; "
+                         "rewrite the index or re-copy the shards")
     return seen
 
 

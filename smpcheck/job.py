@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from smpcheck.failures import (
     tensor_problems,
 )
 from smpcheck.memory import MemoryMonitor, memory_bound
-from smpcheck.report.model import Report
+from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
 from smpcheck.verify import verify
@@ -46,7 +47,6 @@ CHECKS = ["preflight", "initialised", "rank_parity", "checkpoint_parity", "tp_sh
 START = "start"  # warm-up collectives, before the strategy
 STRATEGY_PHASES = ("load", "transform", "wrap")  # a strategy yields a name when one is done
 CHECK = "check"
-REPORT = "report"
 
 
 @dataclass
@@ -77,11 +77,30 @@ class Outputs:
         return Path(self.report_dir) / f"{self.stem}.log"
 
     def write(self, report: Report) -> None:
+        """The reports, the summary on stdout and, when something failed, one sentence on
+        stderr: the last line of a failed run, wherever it was launched from."""
         print(report.summary(), flush=True)
         paths = write_reports(report, self.report_dir, self.stem)
         note = f", tracebacks in {self.log}" if report.log else ""
         print(f"[smpcheck] report: {paths['html']} (JSON {paths['json'].name}, JUnit "
               f"{paths['junit'].name}{note})", flush=True)
+        if not report.ok:
+            print(f"smpcheck: {verdict(report)}; report {paths['html']}{note}", file=sys.stderr,
+                  flush=True)
+
+
+def verdict(report: Report) -> str:
+    """What failed, in one sentence: the failed phase if a rank failed, else the first failed
+    check, with the first tensors it names."""
+    bad = [r for r in report.results if r.status in (Status.FAIL, Status.ERROR)]
+    first = next((r for r in bad if r.traceback), bad[0])
+    text = first.message if first.traceback else f"{first.name} failed: {first.message}"
+    named = "; ".join(f.sentence() for f in first.errors[:3])
+    if len(first.errors) > 3:
+        named += f"; and {len(first.errors) - 3} more"
+    others = len(bad) - 1
+    return (text + (f": {named}" if named else "")
+            + (f" ({others} more check{'s' if others > 1 else ''} failed)" if others else ""))
 
 
 def say(message: str) -> None:
@@ -142,7 +161,6 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
             tensors = tensor_problems(str(exc)) if isinstance(exc, ParamInitError) else []
             protocol.fail(RankFailure.from_exception(rank, progress.phase, exc, tensors))
     if rank == 0:
-        progress.phase = REPORT
         outputs.log.unlink(missing_ok=True)  # a log beside a report belongs to a failed run
         protocol.finish(lambda: outputs.write(report))
     return 0 if report.ok else 1

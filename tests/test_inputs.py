@@ -230,6 +230,13 @@ def test_index_naming_a_key_no_shard_holds(sharded) -> None:
         sharded)
 
 
+def test_shard_holding_a_key_the_index_does_not_list(sharded) -> None:
+    key = next(iter(weight_map(sharded)))
+    edit_json(sharded / INDEX, lambda d: d["weight_map"].pop(key))
+    sentence = problem(sharded)
+    assert f"holds {key}, which {INDEX} does not list" in sentence
+
+
 def test_key_in_two_shards(sharded) -> None:
     wm = weight_map(sharded)
     key, shard = next(iter(wm.items()))

@@ -22,6 +22,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,17 +278,34 @@ def check_shapes(path: Path, config: Any, headers: dict[str, TensorHeader],
 
 
 def _meta_model(file: Path, config: Any, model_class_for: Callable[[Any], type]) -> tuple:
-    """The architecture on the meta device, with init skipped (a 70B model in a second)."""
+    """The architecture with every tensor on the meta device and init skipped (a 70B model in
+    a second); for a model whose constructor computes on values, the way the recipe builds
+    it on non-zero ranks (parameters on meta, buffers real). Only a model neither can build
+    is bad input: every rank would fail to build it too."""
     import torch
+    from accelerate import init_empty_weights
 
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4
         from transformers.modeling_utils import no_init_weights
+
+    def on_meta() -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(torch.device("meta"))
+        stack.enter_context(no_init_weights())
+        return stack
+
     try:
         cls = model_class_for(config)
-        with torch.device("meta"), no_init_weights():
-            return cls, cls._from_config(config)
-    except Exception as exc:  # noqa: BLE001 - a bad config fails in the model's own code
-        raise UsageError(f"{file}: transformers cannot build the model from it: "
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"{file}: transformers has no model class for it: "
                          f"{_first_line(exc)}") from exc
+    for build in (on_meta, init_empty_weights):
+        try:
+            with build():
+                return cls, cls._from_config(config)
+        except Exception as exc:  # noqa: BLE001 - a bad config fails in the model's own code
+            error = exc
+    raise UsageError(f"{file}: transformers cannot build {cls.__name__} from it: "
+                     f"{_first_line(error)}") from error

@@ -72,7 +72,7 @@ def _write_header(file: Path, header: dict, data: bytes) -> None:
 
 
 # Each corruption: (layout, kind, arguments drawn); applied by _corrupt to a fresh copy.
-_PARENT_KINDS = ["truncate", "flip_header", "dtype", "shape", "offsets", "drop_index_entry",
+_PARENT_KINDS = ["truncate", "flip_header", "dtype", "shape", "offsets", "index_drop_entry",
                  "index_to_missing_file", "index_to_other_shard", "config_type",
                  "config_not_json", "config_size"]
 
@@ -130,7 +130,7 @@ def _corrupt(model: Path, kind: str, args: tuple) -> None:
     elif kind.startswith("index"):
         data = json.loads(index.read_text())
         key = _pick(list(data["weight_map"]), args[0])
-        if kind == "drop_index_entry":
+        if kind == "index_drop_entry":
             del data["weight_map"][key]
         elif kind == "index_to_missing_file":
             data["weight_map"][key] = "model-99999-of-99999.safetensors"
@@ -149,6 +149,8 @@ def _corrupt(model: Path, kind: str, args: tuple) -> None:
         config = json.loads((model / "config.json").read_text())
         config[args[0]] = args[1]
         (model / "config.json").write_text(json.dumps(config))
+    else:
+        raise AssertionError(f"unknown corruption {kind}")
 
 
 def _layout(kind: str) -> str:

@@ -99,6 +99,18 @@ def test_sharded_checkpoint_passes_quickly(sharded) -> None:
     assert time.perf_counter() - start < 3.0
 
 
+class _ValueComputingLlama(T.LlamaForCausalLM):
+    """A constructor that reads a value (as drop-path schedules do): impossible on meta."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.rate = torch.linspace(0, 0.1, 3)[1].item()
+
+
+def test_a_model_that_computes_on_values_at_init_is_not_refused(single) -> None:
+    validate(single, lambda config: _ValueComputingLlama)
+
+
 # -- config.json ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "words"), [

@@ -136,14 +136,15 @@ def init_from_env(device: str, rendezvous_timeout: float) -> None:
 
 def die_with_parent() -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux; else nothing), so a
-    launcher killed with SIGKILL leaves no rank behind."""
+    launcher killed with SIGKILL leaves no rank behind. torch's spawn asks for SIGINT, which
+    a rank blocked in native code (a collective without a timeout) never acts on."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the parent died before the call: nobody will reap us
-        os._exit(TIMED_OUT)
+        os._exit(1)
 
 
 class _Held(logging.Handler):

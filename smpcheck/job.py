@@ -60,9 +60,10 @@ class Progress:
     def strategy_phase(self) -> None:
         """The strategy is running the first of its phases not yet done (transform only
         with TP), or finishing after its last."""
-        order = [p for p in STRATEGY_PHASES if p != "transform" or self.tp > 1]
-        after = order.index(self.done[-1]) + 1 if self.done and self.done[-1] in order else 0
-        self.phase = order[after] if after < len(order) else order[-1]
+        last = self.done[-1] if self.done else None
+        after = STRATEGY_PHASES.index(last) + 1 if last in STRATEGY_PHASES else 0
+        rest = [p for p in STRATEGY_PHASES[after:] if p != "transform" or self.tp > 1]
+        self.phase = rest[0] if rest else last or STRATEGY_PHASES[0]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ failing, its peers stuck in a collective, the report written) runs in tests/test
 
 from __future__ import annotations
 
+import pytest
 import torch.distributed as dist
 
 from smpcheck.failures import (
@@ -13,6 +14,7 @@ from smpcheck.failures import (
     failure_results,
     tensor_problems,
 )
+from smpcheck.job import Progress
 from smpcheck.report.model import Report, Status
 
 PARAM_INIT = ("rank 2: 2 problems in LlamaForCausalLM after delayed parameter init:\n"
@@ -90,3 +92,14 @@ def test_board_round_trips_records_through_a_store(tmp_path) -> None:
     assert board.any_failed() and board.failures() == [posted]
     board.mark_reported()
     assert board.reported()
+
+
+@pytest.mark.parametrize(("tp", "done", "running"), [
+    (1, [], "load"), (1, ["load"], "wrap"), (2, ["load"], "transform"),
+    (2, ["load", "transform"], "wrap"), (1, ["load", "transform"], "wrap"),
+    (1, ["load", "wrap"], "wrap"),  # the strategy finishing after its last phase
+])
+def test_a_failure_is_charged_to_the_phase_running(tp, done, running) -> None:
+    progress = Progress(tp, done=list(done))
+    progress.strategy_phase()
+    assert progress.phase == running

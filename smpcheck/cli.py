@@ -107,10 +107,11 @@ def _options(args: argparse.Namespace, world: int):
     _check_report_dir(Path(args.report_dir))
     source = resolve(args.model)
     validate(source.path, model_class_for)
-    tp = world if args.strategy == "tp_plan" and args.tp == 1 else args.tp
-    if args.strategy == "tp_plan" and tp != world:
-        raise UsageError(f"--strategy tp_plan shards over the whole world ({world} ranks); "
-                         f"drop --tp or pass --tp {world}")
+    strategy = STRATEGIES[args.strategy]
+    tp = strategy.tp_degree(args.tp, world)
+    if strategy.tp_over_world and tp != world:
+        raise UsageError(f"--strategy {strategy.name} shards over the whole world ({world} "
+                         f"ranks); drop --tp or pass --tp {world}")
     if tp > 1:
         try:
             check_tp_config(AutoConfig.from_pretrained(source.path), tp, world)
@@ -118,7 +119,7 @@ def _options(args: argparse.Namespace, world: int):
             raise UsageError(str(exc)) from exc
     dtype = getattr(torch, args.dtype) if args.dtype else None
     fine_tuning = fine_tuning_options(
-        source.path, args.strategy, tp, model_class=args.model_class,
+        source.path, strategy, tp, model_class=args.model_class,
         num_labels=args.num_labels, config=args.config, lora=args.lora, peft=args.peft)
     return RunOptions(source=source, strategy=args.strategy, tp=tp, device=args.device,
                       dtype=dtype, **fine_tuning)
@@ -243,15 +244,20 @@ def _launcher_sentence(args: argparse.Namespace, failures: dict, log: Path) -> s
 def _compare(args: argparse.Namespace) -> int:
     from smpcheck.report.compare import compare, text_table, write_comparison
     from smpcheck.report.model import Report
+    from smpcheck.strategies import STRATEGIES
 
     if launcher_world_size() is not None:
         raise UsageError("smpcheck compare launches its own ranks: start it bare, not under "
                          "torchrun or srun")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise UsageError(f"unknown strategies {', '.join(unknown)}; choose from "
+                         f"{', '.join(STRATEGIES)}")
     reports, worst = {}, 0
     for strategy in strategies:
         print(f"[smpcheck] === strategy {strategy} ===", flush=True)
-        tp = args.nproc_per_node if strategy == "tp_plan" else args.tp
+        tp = STRATEGIES[strategy].tp_degree(args.tp, args.nproc_per_node)
         path = Path(args.report_dir) / f"{_stem(strategy, tp)}.json"
         path.unlink(missing_ok=True)  # never compare against an earlier run's report
         worst = max(worst, _run(argparse.Namespace(**{**vars(args), "strategy": strategy})))

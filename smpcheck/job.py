@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from reference_impl import ParamInitError
 from smpcheck.checkpoint import Checkpoint
+from smpcheck.checks import ALL_CHECKS
+from smpcheck.checks.forward import reference_outputs
 from smpcheck.failures import (
     FailureBoard,
     FailureProtocol,
@@ -29,9 +31,11 @@ from smpcheck.failures import (
     tensor_problems,
 )
 from smpcheck.memory import MemoryMonitor, memory_bound
+from smpcheck.phases import CHECK, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
 from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
+from smpcheck.strategies.base import load_kwargs
 from smpcheck.verify import verify
 
 MIB = 2**20
@@ -40,13 +44,7 @@ MIB = 2**20
 CPU_SLACK = 64 * MIB
 CUDA_SLACK = 256 * MIB
 DENSE_NUMERICS_LIMIT = 1 << 30  # a dense copy per rank for tp_numerics only below 1 GiB
-CHECKS = ["preflight", "initialised", "rank_parity", "checkpoint_parity", "tp_shards",
-          "tp_numerics"]
-
-# Phases, in the order a run goes through them; a failure is charged to the one running.
-START = "start"  # warm-up collectives, before the strategy
-STRATEGY_PHASES = ("load", "transform", "wrap")  # a strategy yields a name when one is done
-CHECK = "check"
+CHECKS = [name for name in ALL_CHECKS if name != "memory"]  # memory: after the check phase
 
 
 @dataclass
@@ -62,7 +60,7 @@ class Progress:
         with TP), or finishing after its last."""
         last = self.done[-1] if self.done else None
         after = STRATEGY_PHASES.index(last) + 1 if last in STRATEGY_PHASES else 0
-        rest = [p for p in STRATEGY_PHASES[after:] if p != "transform" or self.tp > 1]
+        rest = [p for p in STRATEGY_PHASES[after:] if p != TRANSFORM or self.tp > 1]
         self.phase = rest[0] if rest else last or STRATEGY_PHASES[0]
 
 
@@ -174,6 +172,8 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
     cuda = opts.device.startswith("cuda")
     _raise_if_asked(rank, START)
     _warm_up(cuda)
+    size = Checkpoint(opts.source.path).sizes(opts.dtype)
+    reference = None
     with MemoryMonitor(rank=rank, cuda=cuda) as monitor:
         steps = strategy.phases(opts)
         while True:
@@ -187,27 +187,32 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
                 monitor.record.phases.pop()
                 break
             progress.done.append(name)
-            if name == "wrap":
+            if name == WRAP:
                 _hang_if_asked(rank)
             dist.barrier()
             say(f"{name:9} done in {time.perf_counter() - start:6.2f} s, rank 0 peak "
                 f"{phase.peak_anon / MIB:.0f} MiB anonymous")
+            if name == LOAD and rank == 0:
+                reference = _reference(strategy, opts, size)
         progress.phase = CHECK
         _raise_if_asked(rank, CHECK)
         model = strategy.model
-        size = Checkpoint(opts.source.path).sizes(opts.dtype)
-        dense = _dense_model(opts, size.total)
-        with monitor.phase("check"):
+        dense = _dense_model(opts, strategy, size.total)
+        with monitor.phase(CHECK):
             start = time.perf_counter()
-            report = verify(model, checkpoint=opts.source.path, dense_model=dense, checks=CHECKS)
+            report = verify(model, checkpoint=opts.source.path, dense_model=dense, checks=CHECKS,
+                            adapter=opts.adapter_dir, config_overrides=opts.config_overrides,
+                            reference_outputs=reference)
             say(f"check     done in {time.perf_counter() - start:6.2f} s")
     bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon, size=size,
                          strategy=strategy.memory_strategy, world_size=world, tp_size=opts.tp,
+                         sharded_over=strategy.sharded_over(world, opts.tp),
                          slack=CUDA_SLACK if cuda else CPU_SLACK)
     memory = verify(model, checks=["memory"], memory=(monitor.record, bound))
     return Report(report.results + memory.results,
-                  {**report.environment, **_facts(opts), "model_bytes": size.total},
-                  memory.memory)
+                  {**report.environment, **_facts(opts), "model_bytes": size.total,
+                   **getattr(strategy, "environment", {})},
+                  memory.memory, report.expected)
 
 
 def _facts(opts: RunOptions) -> dict:
@@ -222,19 +227,36 @@ def _facts(opts: RunOptions) -> dict:
             "launcher": _launcher()}
 
 
-def _dense_model(opts: RunOptions, model_bytes: int):
-    """A dense copy for tp_numerics: only with TP, and only for models below the limit."""
-    if opts.tp <= 1 and opts.strategy != "tp_plan":
+def _reference(strategy, opts: RunOptions, size) -> list[float] | None:
+    """Rank 0's model as loaded, before any wrapping: the forward check's reference outputs,
+    where that copy is whole and small enough for a cheap forward on the host."""
+    if (not strategy.whole_model_on_rank0 or opts.tp > 1
+            or size.total > DENSE_NUMERICS_LIMIT):
         return None
-    from reference_impl import load_on_rank0
+    start = time.perf_counter()
+    outputs = reference_outputs(strategy.model)
+    say(f"reference outputs of rank 0's loaded model taken in {time.perf_counter() - start:.2f} s")
+    return outputs
 
+
+def _dense_model(opts: RunOptions, strategy, model_bytes: int):
+    """A dense copy for tp_numerics: only with TP, only for models below the limit, and only
+    where it can hold what the sharded model holds (no fresh head or adapter: those were
+    drawn once, on the loading rank)."""
+    if opts.tp <= 1 and not strategy.tp_over_world:
+        return None
     if model_bytes > DENSE_NUMERICS_LIMIT:
         say("tp_numerics skipped: a dense copy on every rank would exceed 1 GiB")
         return None
+    if opts.fine_tuning:
+        say("tp_numerics skipped: a dense copy cannot hold the same freshly drawn head or "
+            "adapters")
+        return None
+    from reference_impl import load_on_rank0
+
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device.startswith(
         "cuda") else torch.device("cpu")
-    kwargs = {"dtype": opts.dtype} if opts.dtype else {}
-    return load_on_rank0(opts.source.path, rank=0, **kwargs).to(device)
+    return load_on_rank0(opts.source.path, rank=0, **load_kwargs(opts)).to(device)
 
 
 def _launcher() -> str:

@@ -105,6 +105,7 @@ class Checkpoint:
         self.files = _files(self.path)
         self._handles: dict[Path, Any] = {}
         self.bytes_read = 0  # what read() returned, as stored: the cost of checking
+        self.fingerprint_bytes = 0  # what fingerprint() read
         renames, fused, self._fused_targets = _renames(model) if model is not None else ([], [], [])
         self.fused_keys = sorted(k for k in self.files if any(re.search(p, k) for p in fused))
         self.by_model_name: dict[str, str] = {}
@@ -165,11 +166,14 @@ class Checkpoint:
         """A digest of what these files hold, cheap on any size: every file's name, size and
         header, and ``samples`` blocks of ``block`` bytes at the same offsets of the data
         wherever it runs. Two hosts whose copies differ (a stale checkpoint on one node)
-        get different fingerprints unless they differ only between the sampled blocks."""
+        get different fingerprints unless they differ only between the sampled blocks (a
+        checkpoint smaller than the samples is hashed whole). What it read is counted in
+        ``fingerprint_bytes``, apart from the comparisons' ``bytes_read``."""
         hasher = xxhash.xxh3_128()
         files = sorted(set(self.files.values()))
         sizes = [f.stat().st_size for f in files]
         total = sum(sizes)
+        block = min(block, -(-total // samples))  # small files: the blocks tile them whole
         offsets = [total * i // samples for i in range(samples)]
         start = 0
         for file, size in zip(files, sizes):
@@ -180,8 +184,8 @@ class Checkpoint:
                 for offset in (o - start for o in offsets if start <= o < start + size):
                     handle.seek(offset)
                     hasher.update(handle.read(block))
-            self.bytes_read += len(header) + block * sum(start <= o < start + size
-                                                         for o in offsets)
+            self.fingerprint_bytes += len(header) + block * sum(start <= o < start + size
+                                                                for o in offsets)
             start += size
         return hasher.hexdigest()
 

@@ -190,6 +190,12 @@ def _run(args: argparse.Namespace) -> int:
                           args.rendezvous_timeout)
     _check_nproc(args)
     opts = _options(args, args.nproc_per_node)
+    from smpcheck.strategies import STRATEGIES
+
+    reason = STRATEGIES[opts.strategy]().unavailable()
+    if reason:  # said before any rank starts (each rank says it too under torchrun)
+        print(f"[smpcheck] SKIP strategy {opts.strategy}: {reason}", flush=True)
+        return 0
     return _launch(args, opts, _stem(opts.strategy, opts.tp))
 
 

@@ -77,18 +77,6 @@ def report_json(tmp: Path, stem: str) -> dict:
     return json.loads((tmp / "reports" / f"{stem}.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["smp", "fsdp2", "naive", "tp_plan", "streaming"])
-def test_demo_model_passes_with_every_strategy(tmp_path, strategy) -> None:
-    out = run_cli("run", "--strategy", strategy, tmp=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "[smpcheck] load" in out.stdout and "PASS  checkpoint_parity" in out.stdout
-    tp = 2 if strategy == "tp_plan" else 1
-    data = report_json(tmp_path, f"smpcheck-{strategy}-tp{tp}")
-    assert {r["name"]: r["status"] for r in data["results"]}["memory"] == "pass"
-    assert (tmp_path / "reports" / f"smpcheck-{strategy}-tp{tp}.html").exists()
-    assert (tmp_path / "reports" / f"smpcheck-{strategy}-tp{tp}.junit.xml").exists()
-
-
 def test_real_smp_strategy_is_a_clear_skip(tmp_path) -> None:
     out = run_cli("run", "--strategy", "sagemaker", tmp=tmp_path)
     assert out.returncode == 0 and "SKIP strategy sagemaker: torch.sagemaker" in out.stdout
@@ -301,9 +289,28 @@ def test_real_bert_weights_pass(tmp_path) -> None:
     assert "PASS  checkpoint_parity" in out.stdout
 
 
-def test_report_and_env_commands(tmp_path) -> None:
-    out = run_cli("run", tmp=tmp_path)
-    assert out.returncode == 0
+def test_compare_runs_every_strategy_on_the_demo_model(tmp_path) -> None:
+    """One ``smpcheck compare`` over every strategy of ours: each run passes every check with
+    its reports written; the side-by-side report holds them all; ``smpcheck report`` rebuilds
+    a run's HTML from its JSON twin, byte for byte; ``smpcheck env`` answers."""
+    strategies = ["naive", "smp", "fsdp2", "streaming", "tp_plan"]
+    out = run_cli("compare", "--strategies", ",".join(strategies), tmp=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for strategy in strategies:
+        stem = f"smpcheck-{strategy}-tp{2 if strategy == 'tp_plan' else 1}"
+        statuses = {r["name"]: r["status"] for r in report_json(tmp_path, stem)["results"]}
+        assert "fail" not in statuses.values() and "error" not in statuses.values(), statuses
+        assert statuses["memory"] == "pass" and statuses["checkpoint_parity"] == "pass"
+        assert statuses["forward"] == "pass", (strategy, statuses)
+        assert (tmp_path / "reports" / f"{stem}.junit.xml").exists()
+    data = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert set(rows) == set(strategies) and all(r["ok"] for r in rows.values())
+    assert rows["naive"]["node_total_x_naive"] == 1.0
+    assert all(r["ready_s"] > 0 and len(r["per_rank"]) == 2 for r in rows.values())
+    html = (tmp_path / "reports" / "compare-demo.html").read_text()
+    assert 'id="compare"' in html and "streaming" in html
+    assert "streaming  pass" in out.stdout
     json_path = tmp_path / "reports" / "smpcheck-smp-tp1.json"
     html_path = json_path.with_suffix(".html")
     original = html_path.read_text()
@@ -315,21 +322,8 @@ def test_report_and_env_commands(tmp_path) -> None:
     assert env.returncode == 0 and "torch" in env.stdout and "backends" in env.stdout
 
 
-def test_compare_writes_one_side_by_side_report(tmp_path) -> None:
-    out = run_cli("compare", "--strategies", "naive,streaming", tmp=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    data = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
-    rows = {r["strategy"]: r for r in data["rows"]}
-    assert set(rows) == {"naive", "streaming"} and all(r["ok"] for r in rows.values())
-    assert rows["naive"]["node_total_x_naive"] == 1.0
-    assert all(r["ready_s"] > 0 and len(r["per_rank"]) == 2 for r in rows.values())
-    html = (tmp_path / "reports" / "compare-demo.html").read_text()
-    assert 'id="compare"' in html and "streaming" in html
-    assert "streaming  pass" in out.stdout
-
-
 def test_concurrent_runs_never_share_a_port(tmp_path, monkeypatch) -> None:
-    """Six self-launched runs at once, each binding its rendezvous to port 0: all pass, none
+    """Four self-launched runs at once, each binding its rendezvous to port 0: all pass, none
     joins another's store, no process is left (run_cli asserts it)."""
     from smpcheck.demo import demo_checkpoint
 
@@ -343,7 +337,7 @@ def test_concurrent_runs_never_share_a_port(tmp_path, monkeypatch) -> None:
                        timeout=180)
 
     start = time.monotonic()
-    with ThreadPoolExecutor(6) as pool:
-        outs = list(pool.map(one, range(6)))
-    assert [o.returncode for o in outs] == [0] * 6, [o.stderr for o in outs]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one, range(4)))
+    assert [o.returncode for o in outs] == [0] * 4, [o.stderr for o in outs]
     assert time.monotonic() - start < 180

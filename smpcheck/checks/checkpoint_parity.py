@@ -41,6 +41,7 @@ class Summary:
     bytes_read: int
     sources: dict[str, list[str]] = field(default_factory=dict)  # tensor group -> sources
     fingerprint: str = ""  # of this rank's copy of the files (headers and sampled blocks)
+    fingerprint_bytes: int = 0
     host: str = ""
 
 
@@ -79,7 +80,7 @@ class CheckpointParity:
         unused = set(expectations.checkpoint.files) - expectations.used
         return Summary(findings, unused, expectations.casts, len(comparisons),
                        expectations.bytes_read, source_groups(sources), fingerprint,
-                       socket.gethostname())
+                       expectations.checkpoint.fingerprint_bytes, socket.gethostname())
 
     def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
         present = ranked(summaries)
@@ -96,7 +97,9 @@ class CheckpointParity:
         read = [s.bytes_read for _, s in present]
         words = (f"{sum(s.compared for _, s in present)} pieces compared with the files"
                  f"{cast_words}; read {human_bytes(max(read))} on the busiest rank, "
-                 f"{human_bytes(sum(read))} in all")
+                 f"{human_bytes(sum(read))} in all, plus "
+                 f"{human_bytes(max(s.fingerprint_bytes for _, s in present))} per rank to "
+                 "fingerprint its copy")
         errors = sum(f.severity == "error" for f in findings)
         return result(self.name, findings, f"{words}: all equal", f"{words}: {errors} problems")
 

@@ -207,6 +207,28 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
         "index_missing_file")}}
 
 
+# Bad input is refused in the parent before any rank starts: most cases call the CLI's main in
+# this process (a console-script start costs seconds of imports each); these go through the
+# real console script, one per way a refusal leaves it (a file, argparse, a launched rank).
+THROUGH_THE_CONSOLE_SCRIPT = {"corrupt", "bad_int", "rendezvous"}
+
+
+def main_in_process(args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """``smpcheck ARGS`` as the console script runs it, in this process: (exit code, stderr)."""
+    from smpcheck.cli import main
+
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("SMPCHECK_CACHE", str(tmp / "cache"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own exits
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("case", "sentence"), [
     ("unknown", "unknown model 'no-such-org/no-such-model': not a directory, and not in the "
                 "local Hugging Face cache"),
@@ -227,7 +249,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     ("report_dir", "cannot be created: "),
     ("rendezvous", "cannot reach the rendezvous at 127.0.0.1:"),
 ])
-def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence) -> None:
+def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence, monkeypatch,
+                                             capsys) -> None:
     directory = {c: ["run", str(bad_inputs[c])] for c in (
         "no_weights", "corrupt", "truncated", "config_json", "config_type", "config_sizes",
         "index_missing_file")}
@@ -248,9 +271,13 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentenc
     env = ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_closed_port())} if case == "rendezvous" else None)
     start = time.monotonic()
-    out = run_cli(*args, tmp=tmp_path, env=env, timeout=120)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert sentence in one_sentence(out.stderr), out.stderr
+    if case in THROUGH_THE_CONSOLE_SCRIPT:
+        out = run_cli(*args, tmp=tmp_path, env=env, timeout=120)
+        code, stderr = out.returncode, out.stderr
+    else:
+        code, stderr = main_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert sentence in one_sentence(stderr), stderr
     assert not (tmp_path / "reports" / "smpcheck-smp-tp1.json").exists()
     assert time.monotonic() - start < 60
 

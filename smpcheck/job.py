@@ -21,6 +21,7 @@ import torch.distributed as dist
 from reference_impl import ParamInitError
 from smpcheck.checkpoint import Checkpoint
 from smpcheck.checks import ALL_CHECKS
+from smpcheck.checks.base import is_collective
 from smpcheck.checks.forward import reference_outputs
 from smpcheck.failures import (
     FailureBoard,
@@ -31,7 +32,7 @@ from smpcheck.failures import (
     tensor_problems,
 )
 from smpcheck.memory import MemoryMonitor, memory_bound
-from smpcheck.phases import CHECK, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
+from smpcheck.phases import CHECK, FORWARD, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
 from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
@@ -44,7 +45,11 @@ MIB = 2**20
 CPU_SLACK = 64 * MIB
 CUDA_SLACK = 256 * MIB
 DENSE_NUMERICS_LIMIT = 1 << 30  # a dense copy per rank for tp_numerics only below 1 GiB
-CHECKS = [name for name in ALL_CHECKS if name != "memory"]  # memory: after the check phase
+# The checks that read and compare (the "check" phase), and those that run a forward pass
+# through the wrapped model (the "forward" phase: it unshards as a training step does, so its
+# memory is measured apart); memory comes last, judging both.
+CHECKS = [n for n, c in ALL_CHECKS.items() if n != "memory" and not is_collective(c)]
+FORWARD_CHECKS = [n for n, c in ALL_CHECKS.items() if is_collective(c)]
 
 
 @dataclass
@@ -198,21 +203,26 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
         _raise_if_asked(rank, CHECK)
         model = strategy.model
         dense = _dense_model(opts, strategy, size.total)
-        with monitor.phase(CHECK):
-            start = time.perf_counter()
-            report = verify(model, checkpoint=opts.source.path, dense_model=dense, checks=CHECKS,
-                            adapter=opts.adapter_dir, config_overrides=opts.config_overrides,
-                            reference_outputs=reference)
-            say(f"check     done in {time.perf_counter() - start:6.2f} s")
+        arguments = dict(checkpoint=opts.source.path, dense_model=dense,
+                         adapter=opts.adapter_dir, config_overrides=opts.config_overrides,
+                         reference_outputs=reference)
+        reports = []
+        for phase_name, checks in ((CHECK, CHECKS), (FORWARD, FORWARD_CHECKS)):
+            progress.phase = phase_name
+            with monitor.phase(phase_name):
+                start = time.perf_counter()
+                reports.append(verify(model, checks=checks, **arguments))
+                say(f"{phase_name:9} done in {time.perf_counter() - start:6.2f} s")
     bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon, size=size,
                          strategy=strategy.memory_strategy, world_size=world, tp_size=opts.tp,
                          sharded_over=strategy.sharded_over(world, opts.tp),
                          slack=CUDA_SLACK if cuda else CPU_SLACK)
     memory = verify(model, checks=["memory"], memory=(monitor.record, bound))
-    return Report(report.results + memory.results,
-                  {**report.environment, **_facts(opts), "model_bytes": size.total,
+    checked = reports[0]
+    return Report([r for report in (*reports, memory) for r in report.results],
+                  {**checked.environment, **_facts(opts), "model_bytes": size.total,
                    **getattr(strategy, "environment", {})},
-                  memory.memory, report.expected)
+                  memory.memory, checked.expected)
 
 
 def _facts(opts: RunOptions) -> dict:

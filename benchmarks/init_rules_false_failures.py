@@ -97,7 +97,7 @@ def garbage_draws(count: int, top: int, rng: random.Random, gen: torch.Generator
     coarse: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for _ in range(count):
         rule, dtype = random_rule(rng, narrow=False), rng.choice(DTYPES)
-        kind, n = rng.choice(garbage_kinds(rule)), log_uniform_int(rng, top)
+        kind, n = rng.choice(garbage_kinds(rule, dtype)), log_uniform_int(rng, top)
         values = garbage(rule, kind, n, dtype, gen)
         if rule.kind == "constant" and bool((values == rule.value).all()):
             continue  # rounded to exactly what the rule sets (tiny values in float16)

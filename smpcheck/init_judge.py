@@ -224,7 +224,16 @@ def _imprecise(law: _Law, dtype: torch.dtype) -> bool:
     return law.mass <= 0.3 and max(abs(law.z_lo), abs(law.z_hi)) > reach
 
 
-def _failures(law: _Law, st: ShardStats, rd: _Rounding, zeroed: bool, bounds_only: bool):
+def _shape_trusted(rule: InitRule, dtype: torch.dtype) -> bool:
+    """False for a truncated normal drawn in 16 bits: torch inverts its CDF in the tensor's own
+    dtype, and on CUDA that erfinv inflates the spread and pulls in the tails (measured on an
+    H200: 1.3% of correct bf16/fp16 pieces looked rescaled). Only a spread far too small
+    (uninitialised memory, a constant) and the bounds can be judged there."""
+    return not (rule.kind == "trunc_normal" and dtype in (torch.bfloat16, torch.float16))
+
+
+def _failures(law: _Law, st: ShardStats, rd: _Rounding, zeroed: bool, bounds_only: bool,
+              shape_trusted: bool = True):
     """Yield each test's verdict, most telling first (the first failure is reported)."""
     n, lo_y, hi_y = st.finite, st.min, st.max
     spread = f"values in [{fmt(lo_y)}, {fmt(hi_y)}]"
@@ -255,9 +264,14 @@ def _failures(law: _Law, st: ShardStats, rd: _Rounding, zeroed: bool, bounds_onl
         gap_large = large**2 / n - law.std**2
         p_small = math.exp(-2 * n * gap_small**2 / reach2**2) if gap_small > 0 else 1.0
         p_large = math.exp(-2 * n * gap_large**2 / reach2**2) if gap_large > 0 else 1.0
-    for p in (p_small, p_large):
+    for p in (p_small, p_large) if shape_trusted else (p_small,):
         yield _Failure(p, f"std {fmt(seen_std)}", fmt(law.std),
                        _scale_hint(seen_std, law.std, st))
+    if not shape_trusted:
+        yield _Failure(p_cluster, f"all {n} values within {fmt(hi_y - lo_y)} of each other",
+                       "a random spread", "uninitialised memory?" if width < 1e-3 * law.std
+                       else "")
+        return
     # single values too far out for n draws (union bound)
     if not (zeroed and hi_y == 0) and hi_y > law.mean:
         yield _Failure(n * law.sf(hi_y - rd.at(hi_y)), f"value {fmt(hi_y)}",
@@ -361,7 +375,9 @@ def judge(rule: InitRule, stats: ShardStats, alpha: float = ALPHA) -> tuple[bool
         return True, f"only the {dropped} zeros that {rule.describe()} sets"
     law, rd = _Law.of(rule), _Rounding.of(stats.torch_dtype)
     bounds_only = _imprecise(law, stats.torch_dtype)
-    for failure in _failures(law, st, rd, zeroed=dropped > 0, bounds_only=bounds_only):
+    shape_trusted = _shape_trusted(rule, stats.torch_dtype)
+    for failure in _failures(law, st, rd, zeroed=dropped > 0, bounds_only=bounds_only,
+                             shape_trusted=shape_trusted):
         if failure.p < alpha:
             hint = f": {failure.hint}" if failure.hint else ""
             return False, (f"{failure.seen}, expected {failure.expected} "
@@ -370,6 +386,10 @@ def judge(rule: InitRule, stats: ShardStats, alpha: float = ALPHA) -> tuple[bool
     if bounds_only:
         return True, (f"{_values(n)} within the bounds of {rule.describe()}; torch draws this "
                       f"truncation imprecisely in {stats.dtype}, so only its bounds are judged")
+    if not shape_trusted:
+        return True, (f"{_values(n)} within {rule.describe()} and spread enough; torch draws "
+                      f"this truncation imprecisely in {stats.dtype}, so only its bounds and "
+                      "a spread far too small are judged")
     if not resolvable(rule, stats.torch_dtype):
         return True, (f"{_values(n)} within {rule.describe()}; its spread is close to the "
                       f"rounding allowed near its centre (+-{fmt(rd.at(law.mean))}), so only "

@@ -58,16 +58,15 @@ def _other_law(rule: InitRule) -> InitRule | None:
     return InitRule.uniform(mean - math.sqrt(3) * std, mean + math.sqrt(3) * std)
 
 
-def garbage_kinds(rule: InitRule, dtype: torch.dtype | None = None) -> tuple[str, ...]:
-    """The kinds of garbage ``rule`` can be told from (no zeros for a rule of zeros, no
-    uniform for a normal truncated within one std: it is nearly uniform itself; in 16 bits a
-    truncated normal's shape and upper spread are not judged, since torch's own CUDA draw
-    distorts them: another law inside its bounds, or a larger spread, passes there)."""
+def garbage_kinds(rule: InitRule, dtype: torch.dtype) -> tuple[str, ...]:
+    """The kinds of garbage ``rule`` in ``dtype`` can be told from: no zeros for a rule of
+    zeros; no other law for a truncated normal, whose shape is not judged (torch's own CUDA
+    draw distorts it, so another law inside its bounds passes), nor a larger spread in 16
+    bits, where that draw spreads values anywhere inside the bounds."""
     kinds = ["tiny", "constant", "huge", "nan", "inf"]
-    untrusted = rule.kind == "trunc_normal" and dtype in (torch.bfloat16, torch.float16)
-    if not untrusted:
+    if rule.kind != "trunc_normal" or dtype not in (torch.bfloat16, torch.float16):
         kinds.append("rescaled")
-    if not (rule.kind == "trunc_normal" and rule.high - rule.low < 2 * rule.std) and not untrusted:
+    if rule.kind != "trunc_normal":
         kinds.append("other_law")
     return tuple(kinds + ([] if rule.kind == "constant" and rule.value == 0 else ["zeros"]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from smpcheck.compat import tp_plan_unavailable
 from smpcheck.strategies.base import (
     RunOptions,
     StrategyBase,
@@ -19,6 +20,9 @@ class TransformersTPPlan(StrategyBase):
 
     name = "tp_plan"
     memory_strategy = "tp_plan"
+
+    def unavailable(self) -> str | None:
+        return tp_plan_unavailable()
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         import torch

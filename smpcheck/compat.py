@@ -40,6 +40,16 @@ def accelerate_version() -> Version:
     return _version("accelerate")
 
 
+@cache
+def dtype_kwarg() -> str:
+    """The ``from_pretrained`` keyword for the load dtype: ``dtype`` since transformers 4.56,
+    ``torch_dtype`` before (4.50 passes an unknown ``dtype`` on to the model's ``__init__``,
+    which raises)."""
+    from transformers import PretrainedConfig
+
+    return "dtype" if hasattr(PretrainedConfig(), "dtype") else "torch_dtype"
+
+
 def tp_plan_unavailable() -> str | None:
     """Why transformers' own ``tp_plan`` cannot run on this machine (None when it can)."""
     import torch

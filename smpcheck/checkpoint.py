@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import safe_open
 from torch import nn
 
@@ -28,6 +29,8 @@ from smpcheck.memory import ModelSize
 
 _STORED_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
                  "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+FINGERPRINT_SAMPLES = 64  # blocks read per rank to tell two copies of a checkpoint apart
+FINGERPRINT_BLOCK = 1 << 16
 _LAYER = re.compile(r"\.(layers|layer|h|blocks)\.\d+\.")
 
 
@@ -102,6 +105,7 @@ class Checkpoint:
         self.files = _files(self.path)
         self._handles: dict[Path, Any] = {}
         self.bytes_read = 0  # what read() returned, as stored: the cost of checking
+        self.fingerprint_bytes = 0  # what fingerprint() read
         renames, fused, self._fused_targets = _renames(model) if model is not None else ([], [], [])
         self.fused_keys = sorted(k for k in self.files if any(re.search(p, k) for p in fused))
         self.by_model_name: dict[str, str] = {}
@@ -156,6 +160,34 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {key} from {self.files[key]}: {exc}") from exc
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def fingerprint(self, samples: int = FINGERPRINT_SAMPLES,
+                    block: int = FINGERPRINT_BLOCK) -> str:
+        """A digest of what these files hold, cheap on any size: every file's name, size and
+        header, and ``samples`` blocks of ``block`` bytes at the same offsets of the data
+        wherever it runs. Two hosts whose copies differ (a stale checkpoint on one node)
+        get different fingerprints unless they differ only between the sampled blocks (a
+        checkpoint smaller than the samples is hashed whole). What it read is counted in
+        ``fingerprint_bytes``, apart from the comparisons' ``bytes_read``."""
+        hasher = xxhash.xxh3_128()
+        files = sorted(set(self.files.values()))
+        sizes = [f.stat().st_size for f in files]
+        total = sum(sizes)
+        block = min(block, -(-total // samples))  # small files: the blocks tile them whole
+        offsets = [total * i // samples for i in range(samples)]
+        start = 0
+        for file, size in zip(files, sizes):
+            with open(file, "rb") as handle:
+                header = handle.read(8 + int.from_bytes(handle.read(8), "little")) if size >= 8 \
+                    else b""
+                hasher.update(f"{file.name}|{size}|".encode() + header)
+                for offset in (o - start for o in offsets if start <= o < start + size):
+                    handle.seek(offset)
+                    hasher.update(handle.read(block))
+            self.fingerprint_bytes += len(header) + block * sum(start <= o < start + size
+                                                                for o in offsets)
+            start += size
+        return hasher.hexdigest()
 
     def sizes(self, dtype: torch.dtype | None = None) -> ModelSize:
         """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all

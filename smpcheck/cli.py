@@ -22,9 +22,16 @@ from smpcheck.source import UsageError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one sentence (exit 2), not usage + error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smpcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="smpcheck", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="load, [transform], wrap and check a model on N ranks")
     run.add_argument("model", nargs="?", help="checkpoint directory or cached hub id "
@@ -81,7 +88,9 @@ def _options(args: argparse.Namespace, world: int):
     import torch
     from transformers import AutoConfig
 
+    from reference_impl.loading import model_class_for
     from reference_impl.tp_plans import TPConfigError, check_tp_config
+    from smpcheck.inputs import validate
     from smpcheck.source import resolve
     from smpcheck.strategies import STRATEGIES, RunOptions
     from smpcheck.strategies.finetune import fine_tuning_options
@@ -89,13 +98,20 @@ def _options(args: argparse.Namespace, world: int):
     if args.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {args.strategy!r}; choose one of "
                          f"{', '.join(STRATEGIES)}")
+    for flag in ("tp", "timeout", "rendezvous_timeout"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got "
+                             f"{getattr(args, flag)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA device here")
+    _check_report_dir(Path(args.report_dir))
     source = resolve(args.model)
-    tp = world if args.strategy == "tp_plan" and args.tp == 1 else args.tp
-    if args.strategy == "tp_plan" and tp != world:
-        raise UsageError(f"--strategy tp_plan shards over the whole world ({world} ranks); "
-                         f"drop --tp or pass --tp {world}")
+    validate(source.path, model_class_for)
+    strategy = STRATEGIES[args.strategy]
+    tp = strategy.tp_degree(args.tp, world)
+    if strategy.tp_over_world and tp != world:
+        raise UsageError(f"--strategy {strategy.name} shards over the whole world ({world} "
+                         f"ranks); drop --tp or pass --tp {world}")
     if tp > 1:
         try:
             check_tp_config(AutoConfig.from_pretrained(source.path), tp, world)
@@ -103,10 +119,20 @@ def _options(args: argparse.Namespace, world: int):
             raise UsageError(str(exc)) from exc
     dtype = getattr(torch, args.dtype) if args.dtype else None
     fine_tuning = fine_tuning_options(
-        source.path, args.strategy, tp, model_class=args.model_class,
+        source.path, strategy, tp, model_class=args.model_class,
         num_labels=args.num_labels, config=args.config, lora=args.lora, peft=args.peft)
     return RunOptions(source=source, strategy=args.strategy, tp=tp, device=args.device,
                       dtype=dtype, **fine_tuning)
+
+
+def _check_report_dir(path: Path) -> None:
+    """The reports can be written there (the directory, or the nearest folder above it that
+    exists, is a writable directory); nothing is created before the run starts."""
+    existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--report-dir {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--report-dir {path} cannot be written: {existing} is not writable")
 
 
 def _check_nproc(args: argparse.Namespace) -> None:
@@ -132,8 +158,10 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
     import torch.distributed as dist
 
     from smpcheck.job import run_job
-    from smpcheck.launch import arm_watchdog, init_from_env
+    from smpcheck.launch import arm_watchdog, die_with_parent, init_from_env
 
+    if os.environ.get("SMPCHECK_SELF_LAUNCHED"):
+        die_with_parent()
     arm_watchdog(deadline or time.time() + timeout, timeout)
     init_from_env(opts.device, rdzv_timeout)
     try:
@@ -153,7 +181,7 @@ def _stem(strategy: str, tp: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from smpcheck.launch import TIMED_OUT, launcher_world, self_launch
+    from smpcheck.launch import launcher_world
 
     world = launcher_world()
     if world is not None:  # one rank of torchrun / srun
@@ -162,43 +190,80 @@ def _run(args: argparse.Namespace) -> int:
                           args.rendezvous_timeout)
     _check_nproc(args)
     opts = _options(args, args.nproc_per_node)
-    stem = _stem(opts.strategy, opts.tp)
+    from smpcheck.strategies import STRATEGIES
+
+    reason = STRATEGIES[opts.strategy]().unavailable()
+    if reason:  # said before any rank starts (each rank says it too under torchrun)
+        print(f"[smpcheck] SKIP strategy {opts.strategy}: {reason}", flush=True)
+        return 0
+    return _launch(args, opts, _stem(opts.strategy, opts.tp))
+
+
+def _launch(args: argparse.Namespace, opts, stem: str) -> int:
+    """Self-launch the ranks; a failed run ends in one sentence on stderr, the launcher's own
+    messages go to the log beside the report."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    try:
-        codes = self_launch(args.nproc_per_node, rank_entry,
-                            (opts, args.report_dir, stem, args.timeout,
-                             args.rendezvous_timeout, time.time() + args.timeout))
-    except ChildFailedError as exc:
-        failures = exc.failures
-        if any(f.exitcode == TIMED_OUT for f in failures.values()):
-            ranks = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
-            print(f"smpcheck: ranks {ranks} were still running after --timeout "
-                  f"{args.timeout:.0f} s and were stopped; each rank's stack is printed above",
-                  file=sys.stderr)
-            return 1
-        # The cause is the failure that is not a peer losing its connection to the failed
-        # rank (gloo says so in words); among equals, the earliest.
-        rank, failure = min(failures.items(), key=lambda item: (
-            _peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
-        print(f"smpcheck: rank {rank} failed (exit code {failure.exitcode}): "
-              f"{failure.message or 'see its output above'}", file=sys.stderr)
-        return 1
-    return max(codes.values())
+    from smpcheck.launch import held_launcher_logs, self_launch
+
+    started = time.time()
+    with held_launcher_logs() as launcher_lines:
+        try:
+            codes = self_launch(args.nproc_per_node, rank_entry,
+                                (opts, args.report_dir, stem, args.timeout,
+                                 args.rendezvous_timeout, started + args.timeout))
+        except ChildFailedError as exc:
+            failures = exc.failures
+        else:
+            return max(codes.values())
+    log = Path(args.report_dir) / f"{stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)  # no report yet when no rank got that far
+    with log.open("a") as out:
+        out.write("\n--- the launcher (torch elastic)\n" + "\n".join(launcher_lines) + "\n")
+    json_path = Path(args.report_dir) / f"{stem}.json"
+    if not (json_path.exists() and json_path.stat().st_mtime >= started):
+        print(f"smpcheck: {_launcher_sentence(args, failures, log)}", file=sys.stderr)
+    return 1  # else rank 0 wrote the report and said what failed
+
+
+def _launcher_sentence(args: argparse.Namespace, failures: dict, log: Path) -> str:
+    """What went wrong when no rank wrote a report, from the launcher's record of the ranks
+    that exited: a timeout, or the failure that is not a peer losing its connection to the
+    failed rank (among equals, the earliest)."""
+    from smpcheck.failures import is_peer_loss
+    from smpcheck.launch import TIMED_OUT
+
+    timed_out = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
+    if timed_out:
+        return (f"ranks {timed_out} were still running after --timeout {args.timeout:.0f} s "
+                "and were stopped; each rank's stack is printed above")
+    rank, failure = min(failures.items(), key=lambda item: (
+        is_peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
+    message = failure.message
+    if isinstance(message, dict):  # the error file @record wrote: {'message': ..., ...}
+        message = message.get("message", "")
+    first = next((line for line in str(message).splitlines() if line.strip()), "")
+    return (f"rank {rank} failed (exit code {failure.exitcode}) before a report was written: "
+            f"{first or 'see its output above'}; the launcher's messages are in {log}")
 
 
 def _compare(args: argparse.Namespace) -> int:
     from smpcheck.report.compare import compare, text_table, write_comparison
     from smpcheck.report.model import Report
+    from smpcheck.strategies import STRATEGIES
 
     if launcher_world_size() is not None:
         raise UsageError("smpcheck compare launches its own ranks: start it bare, not under "
                          "torchrun or srun")
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise UsageError(f"unknown strategies {', '.join(unknown)}; choose from "
+                         f"{', '.join(STRATEGIES)}")
     reports, worst = {}, 0
     for strategy in strategies:
         print(f"[smpcheck] === strategy {strategy} ===", flush=True)
-        tp = args.nproc_per_node if strategy == "tp_plan" else args.tp
+        tp = STRATEGIES[strategy].tp_degree(args.tp, args.nproc_per_node)
         path = Path(args.report_dir) / f"{_stem(strategy, tp)}.json"
         path.unlink(missing_ok=True)  # never compare against an earlier run's report
         worst = max(worst, _run(argparse.Namespace(**{**vars(args), "strategy": strategy})))
@@ -209,11 +274,6 @@ def _compare(args: argparse.Namespace) -> int:
     print(text_table(compare(reports)))
     print(f"[smpcheck] comparison: {out}")
     return worst
-
-
-def _peer_loss(message: str) -> bool:
-    return any(words in message for words in ("remote worker", "Connection closed by peer",
-                                               "Connection reset by peer"))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -253,8 +313,8 @@ def _env() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         if args.command == "run":
             return _run(args)
         if args.command == "compare":

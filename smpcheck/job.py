@@ -1,20 +1,41 @@
 """What each rank does for ``smpcheck run``: the strategy's phases under the memory monitor,
-then every check, then (rank 0) the reports. Returns the exit code every rank agrees on."""
+then every check, then (rank 0) the reports. Returns the exit code every rank agrees on.
+
+An exception on any rank, in any phase, ends the run through :mod:`smpcheck.failures`: the
+report is written anyway, with the failed phase as a FAIL line, and every rank exits 1.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import platform
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from reference_impl import ParamInitError
 from smpcheck.checkpoint import Checkpoint
+from smpcheck.checks import ALL_CHECKS
+from smpcheck.checks.forward import reference_outputs
+from smpcheck.failures import (
+    FailureBoard,
+    FailureProtocol,
+    RankFailure,
+    failure_log,
+    failure_results,
+    tensor_problems,
+)
 from smpcheck.memory import MemoryMonitor, memory_bound
-from smpcheck.report.model import Report
+from smpcheck.phases import CHECK, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
+from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
+from smpcheck.strategies.base import load_kwargs
 from smpcheck.verify import verify
 
 MIB = 2**20
@@ -23,6 +44,62 @@ MIB = 2**20
 CPU_SLACK = 64 * MIB
 CUDA_SLACK = 256 * MIB
 DENSE_NUMERICS_LIMIT = 1 << 30  # a dense copy per rank for tp_numerics only below 1 GiB
+CHECKS = [name for name in ALL_CHECKS if name != "memory"]  # memory: after the check phase
+
+
+@dataclass
+class Progress:
+    """Where this rank is: the phase a failure is charged to, and the strategy phases done."""
+
+    tp: int
+    phase: str = START
+    done: list[str] = field(default_factory=list)
+
+    def strategy_phase(self) -> None:
+        """The strategy is running the first of its phases not yet done (transform only
+        with TP), or finishing after its last."""
+        last = self.done[-1] if self.done else None
+        after = STRATEGY_PHASES.index(last) + 1 if last in STRATEGY_PHASES else 0
+        rest = [p for p in STRATEGY_PHASES[after:] if p != TRANSFORM or self.tp > 1]
+        self.phase = rest[0] if rest else last or STRATEGY_PHASES[0]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where rank 0 writes: ``report_dir/stem.{html,json,junit.xml,log}``."""
+
+    report_dir: str
+    stem: str
+
+    @property
+    def log(self) -> Path:
+        return Path(self.report_dir) / f"{self.stem}.log"
+
+    def write(self, report: Report) -> None:
+        """The reports, the summary on stdout and, when something failed, one sentence on
+        stderr: the last line of a failed run, wherever it was launched from."""
+        print(report.summary(), flush=True)
+        paths = write_reports(report, self.report_dir, self.stem)
+        note = f", tracebacks in {self.log}" if report.log else ""
+        print(f"[smpcheck] report: {paths['html']} (JSON {paths['json'].name}, JUnit "
+              f"{paths['junit'].name}{note})", flush=True)
+        if not report.ok:
+            print(f"smpcheck: {verdict(report)}; report {paths['html']}{note}", file=sys.stderr,
+                  flush=True)
+
+
+def verdict(report: Report) -> str:
+    """What failed, in one sentence: the failed phase if a rank failed, else the first failed
+    check, with the first tensors it names."""
+    bad = [r for r in report.results if r.status in (Status.FAIL, Status.ERROR)]
+    first = next((r for r in bad if r.traceback), bad[0])
+    text = first.message if first.traceback else f"{first.name} failed: {first.message}"
+    named = "; ".join(f.sentence() for f in first.errors[:3])
+    if len(first.errors) > 3:
+        named += f"; and {len(first.errors) - 3} more"
+    others = len(bad) - 1
+    return (text + (f": {named}" if named else "")
+            + (f" ({others} more check{'s' if others > 1 else ''} failed)" if others else ""))
 
 
 def say(message: str) -> None:
@@ -50,21 +127,58 @@ def _hang_if_asked(rank: int) -> None:
             time.sleep(1)
 
 
+def _raise_if_asked(rank: int, phase: str) -> None:
+    """Self-test knob for the failure path: SMPCHECK_DEBUG_FAIL=RANK:PHASE makes that rank
+    raise as that phase starts."""
+    if os.environ.get("SMPCHECK_DEBUG_FAIL") == f"{rank}:{phase}":
+        raise RuntimeError(f"planted failure on rank {rank} in {phase} "
+                           "(SMPCHECK_DEBUG_FAIL)")
+
+
 def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
-    """Load, [transform], wrap and check on this rank; 0 when every check passed, else 1."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Load, [transform], wrap and check on this rank; 0 when every check passed, else 1
+    (a rank that fails exits 1 after rank 0 wrote the report)."""
+    rank = dist.get_rank()
     strategy = STRATEGIES[opts.strategy]()
     reason = strategy.unavailable()
     if reason:
         say(f"SKIP strategy {opts.strategy}: {reason}")
         return 0
+    outputs = Outputs(report_dir, stem)
+    progress = Progress(opts.tp)
+
+    def failure_report(failures: list[RankFailure]) -> None:
+        outputs.log.parent.mkdir(parents=True, exist_ok=True)
+        outputs.log.write_text(failure_log(failures))
+        outputs.write(Report(failure_results(failures), _facts(opts), {}, str(outputs.log)))
+
+    protocol = FailureProtocol(FailureBoard.of_default_group(), rank, failure_report)
+    with protocol.watching():
+        try:
+            report = _run_phases_and_checks(opts, strategy, progress)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run with a report
+            tensors = tensor_problems(str(exc)) if isinstance(exc, ParamInitError) else []
+            protocol.fail(RankFailure.from_exception(rank, progress.phase, exc, tensors))
+    if rank == 0:
+        outputs.log.unlink(missing_ok=True)  # a log beside a report belongs to a failed run
+        protocol.finish(lambda: outputs.write(report))
+    return 0 if report.ok else 1
+
+
+def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Report:
+    rank, world = dist.get_rank(), dist.get_world_size()
     say(f"{opts.source.name}: strategy {opts.strategy}, {world} ranks, tp {opts.tp}, "
         f"device {opts.device}")
     cuda = opts.device.startswith("cuda")
+    _raise_if_asked(rank, START)
     _warm_up(cuda)
+    size = Checkpoint(opts.source.path).sizes(opts.dtype)
+    reference = None
     with MemoryMonitor(rank=rank, cuda=cuda) as monitor:
         steps = strategy.phases(opts)
         while True:
+            progress.strategy_phase()
+            _raise_if_asked(rank, progress.phase)
             start = time.perf_counter()
             with monitor.phase("pending") as phase:
                 name = next(steps, None)
@@ -72,51 +186,77 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
             if name is None:
                 monitor.record.phases.pop()
                 break
-            if name == "wrap":
+            progress.done.append(name)
+            if name == WRAP:
                 _hang_if_asked(rank)
             dist.barrier()
             say(f"{name:9} done in {time.perf_counter() - start:6.2f} s, rank 0 peak "
                 f"{phase.peak_anon / MIB:.0f} MiB anonymous")
+            if name == LOAD and rank == 0:
+                reference = _reference(strategy, opts, size)
+        progress.phase = CHECK
+        _raise_if_asked(rank, CHECK)
         model = strategy.model
-        size = Checkpoint(opts.source.path).sizes(opts.dtype)
-        dense = _dense_model(opts, size.total)
-        with monitor.phase("check"):
+        dense = _dense_model(opts, strategy, size.total)
+        with monitor.phase(CHECK):
             start = time.perf_counter()
-            report = verify(model, checkpoint=opts.source.path, dense_model=dense,
-                            checks=["preflight", "initialised", "rank_parity",
-                                    "checkpoint_parity", "tp_shards", "tp_numerics"])
+            report = verify(model, checkpoint=opts.source.path, dense_model=dense, checks=CHECKS,
+                            adapter=opts.adapter_dir, config_overrides=opts.config_overrides,
+                            reference_outputs=reference)
             say(f"check     done in {time.perf_counter() - start:6.2f} s")
     bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon, size=size,
                          strategy=strategy.memory_strategy, world_size=world, tp_size=opts.tp,
+                         sharded_over=strategy.sharded_over(world, opts.tp),
                          slack=CUDA_SLACK if cuda else CPU_SLACK)
-    extra = {"strategy": opts.strategy, "tp_size": opts.tp, "model": opts.source.name,
-             "model_path": str(opts.source.path), "device": opts.device,
-             "model_bytes": size.total, "created": datetime.datetime.now().isoformat(
-                 timespec="seconds"), "launcher": _launcher()}
     memory = verify(model, checks=["memory"], memory=(monitor.record, bound))
-    report = Report(report.results + memory.results, {**report.environment, **extra},
-                    memory.memory)
-    if rank == 0:
-        print(report.summary(), flush=True)
-        paths = write_reports(report, report_dir, stem)
-        print(f"[smpcheck] report: {paths['html']} (JSON {paths['json'].name}, JUnit "
-              f"{paths['junit'].name})", flush=True)
-    return 0 if report.ok else 1
+    return Report(report.results + memory.results,
+                  {**report.environment, **_facts(opts), "model_bytes": size.total,
+                   **getattr(strategy, "environment", {})},
+                  memory.memory, report.expected)
 
 
-def _dense_model(opts: RunOptions, model_bytes: int):
-    """A dense copy for tp_numerics: only with TP, and only for models below the limit."""
-    if opts.tp <= 1 and opts.strategy != "tp_plan":
+def _facts(opts: RunOptions) -> dict:
+    """What the report says about the run, whether it finished or not."""
+    import transformers
+
+    return {"strategy": opts.strategy, "tp_size": opts.tp, "model": opts.source.name,
+            "model_path": str(opts.source.path), "device": opts.device,
+            "world_size": dist.get_world_size(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "created": datetime.datetime.now().isoformat(timespec="seconds"),
+            "launcher": _launcher()}
+
+
+def _reference(strategy, opts: RunOptions, size) -> list[float] | None:
+    """Rank 0's model as loaded, before any wrapping: the forward check's reference outputs,
+    where that copy is whole and small enough for a cheap forward on the host."""
+    if (not strategy.whole_model_on_rank0 or opts.tp > 1
+            or size.total > DENSE_NUMERICS_LIMIT):
         return None
-    from reference_impl import load_on_rank0
+    start = time.perf_counter()
+    outputs = reference_outputs(strategy.model)
+    say(f"reference outputs of rank 0's loaded model taken in {time.perf_counter() - start:.2f} s")
+    return outputs
 
+
+def _dense_model(opts: RunOptions, strategy, model_bytes: int):
+    """A dense copy for tp_numerics: only with TP, only for models below the limit, and only
+    where it can hold what the sharded model holds (no fresh head or adapter: those were
+    drawn once, on the loading rank)."""
+    if opts.tp <= 1 and not strategy.tp_over_world:
+        return None
     if model_bytes > DENSE_NUMERICS_LIMIT:
         say("tp_numerics skipped: a dense copy on every rank would exceed 1 GiB")
         return None
+    if opts.fine_tuning:
+        say("tp_numerics skipped: a dense copy cannot hold the same freshly drawn head or "
+            "adapters")
+        return None
+    from reference_impl import load_on_rank0
+
     device = torch.device("cuda", torch.cuda.current_device()) if opts.device.startswith(
         "cuda") else torch.device("cpu")
-    kwargs = {"dtype": opts.dtype} if opts.dtype else {}
-    return load_on_rank0(opts.source.path, rank=0, **kwargs).to(device)
+    return load_on_rank0(opts.source.path, rank=0, **load_kwargs(opts)).to(device)
 
 
 def _launcher() -> str:
@@ -125,4 +265,3 @@ def _launcher() -> str:
     if os.environ.get("SMPCHECK_SELF_LAUNCHED"):
         return "self-launched (torch elastic)"
     return "torchrun" if os.environ.get("TORCHELASTIC_RUN_ID") else "external"
-

@@ -1,18 +1,27 @@
 """Become one rank of a job: under torchrun or SLURM srun from their environment, or by
-launching N local ranks with PyTorch's elastic launcher on a free port.
+launching N local ranks with PyTorch's elastic launcher.
+
+The self-launch never picks a port itself: the c10d rendezvous binds port 0 and the agent's
+shared store does too, so the kernel hands each run its own ports and concurrent runs
+(``pytest -n auto``) cannot take each other's (a port found free, released and handed on
+could be taken in between; ``torchrun --standalone`` works the same way).
 
 Every rank arms a watchdog: at ``timeout`` it prints its own Python stack (all threads) and
 exits with 124, so a hang ends with every rank's traceback and no process left behind (the
-elastic agent reaps the rest; a SIGTERM from it also dumps the stack first).
+elastic agent reaps the rest; a SIGTERM from it also dumps the stack first). A self-launched
+rank also dies with the process that launched it (``PR_SET_PDEATHSIG``), whatever kills that.
+The launcher's own error wall (its log lines, with every rank's traceback embedded) is held
+back from the terminal and handed to the caller for the log file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import faulthandler
+import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +38,9 @@ import torch.distributed as dist
 from smpcheck.source import UsageError
 
 TIMED_OUT = 124
+_PR_SET_PDEATHSIG = 1
+LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher",
+                    "torch.multiprocessing")
 STACK_GRACE_S = 2.0  # after printing its stack, a timed-out rank waits for the others' stacks
 
 
@@ -122,18 +134,57 @@ def init_from_env(device: str, rendezvous_timeout: float) -> None:
                          "and MASTER_PORT, and that rank 0 is running") from exc
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; else nothing), so a
+    launcher killed with SIGKILL leaves no rank behind. torch's spawn asks for SIGINT, which
+    a rank blocked in native code (a collective without a timeout) never acts on."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call: nobody will reap us
+        os._exit(1)
+
+
+class _Held(logging.Handler):
+    """Keeps what the launcher logs, formatted, for the log file."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextmanager
+def held_launcher_logs() -> Iterator[list[str]]:
+    """Inside, torch elastic's and torch.multiprocessing's log lines go to the yielded list
+    instead of the terminal."""
+    handler = _Held()
+    loggers = [logging.getLogger(name) for name in LAUNCHER_LOGGERS]
+    saved = [(log.propagate, log.level) for log in loggers]
+    for log in loggers:
+        log.addHandler(handler)
+        log.propagate = False
+        log.setLevel(logging.INFO)
+    try:
+        yield handler.lines
+    finally:
+        for log, (propagate, level) in zip(loggers, saved):
+            log.removeHandler(handler)
+            log.propagate, log.level = propagate, level
 
 
 def self_launch(nproc: int, entry: Callable[..., int], args: tuple) -> dict[int, Any]:
-    """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher."""
+    """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher; the
+    rendezvous binds a port of its own (port 0)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
                           run_id=uuid.uuid4().hex[:8], max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
     os.environ["SMPCHECK_SELF_LAUNCHED"] = "1"

@@ -255,8 +255,8 @@ class Bound:
 
 
 def memory_bound(*, rank: int, baseline: int, size: ModelSize, strategy: str,
-                 world_size: int, tp_size: int = 1, allowance: float = 1.5,
-                 slack: int = 64 * 2**20) -> Bound:
+                 world_size: int, tp_size: int = 1, sharded_over: int | None = None,
+                 allowance: float = 1.5, slack: int = 64 * 2**20) -> Bound:
     """Bound for one rank: baseline + slack + allowance x (share of the model it must hold).
 
     Args:
@@ -266,13 +266,14 @@ def memory_bound(*, rank: int, baseline: int, size: ModelSize, strategy: str,
         size: the model's parameter bytes, largest tensor and largest FSDP unit.
         strategy: smp, fsdp2, naive, streaming, tp_plan, accelerate-fsdp or
             accelerate-fsdp1.
-        world_size, tp_size: weights are split over ``world_size`` ranks (TP x data parallel
-            sharding), or over ``tp_size`` when nothing else shards them.
+        world_size, tp_size: the run's world and TP degree (stated in the derivation).
+        sharded_over: how many ranks split the weights between them (default the world:
+            TP x data-parallel sharding; the TP degree where TP alone shards them).
         allowance: factor for transient copies (dtype casts, send buffers).
         slack: fixed bytes for what grows with any run (allocator arenas, lazily imported
             modules, communication buffers), whatever the model's size.
     """
-    shard = 1.0 / (world_size if strategy != "tp_plan" else tp_size)
+    shard = 1.0 / (sharded_over or world_size)
     total = size.total or 1
     share = _holds(strategy, shard, size.largest_tensor / total,
                    size.largest_unit / total)[0 if rank == 0 else 1]

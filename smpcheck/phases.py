@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+START = "start"  # warm-up collectives, before the strategy
 LOAD = "load"
 TRANSFORM = "transform"
 WRAP = "wrap"
+STRATEGY_PHASES = (LOAD, TRANSFORM, WRAP)  # in order; a strategy yields each name when done
 CHECK = "check"  # smpcheck's own work (it may hold a dense copy for tp_numerics)
 
 # The strategy's phases are bounded by the memory check; smpcheck's own phase is charted and

@@ -1,11 +1,11 @@
-"""Resolve what the user named into a local checkpoint directory, or say why not (offline)."""
+"""Resolve what the user named into a local checkpoint directory, or say why not (offline).
+What the directory holds is validated by :mod:`smpcheck.inputs`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from smpcheck.checkpoint import Checkpoint, CheckpointError
 from smpcheck.demo import demo_checkpoint
 
 
@@ -28,12 +28,11 @@ def resolve(model: str | None) -> ModelSource:
     path = Path(model).expanduser()
     if not path.exists():
         path = _from_hub_cache(model)
+    if not path.is_dir():
+        raise UsageError(f"{path} is a file: pass the model directory that holds config.json "
+                         "and the safetensors weights")
     if not (path / "config.json").exists():
         raise UsageError(f"{path} has no config.json: not a Hugging Face model directory")
-    try:
-        Checkpoint(path)
-    except CheckpointError as exc:
-        raise UsageError(f"the checkpoint of {model!r} cannot be read: {exc}") from exc
     return ModelSource(model, path)
 
 

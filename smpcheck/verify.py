@@ -52,6 +52,7 @@ def verify(
     checks: Iterable[str] | None = None,
     adapter: str | os.PathLike | None = None,
     config_overrides: dict[str, Any] | None = None,
+    reference_outputs: list[float] | None = None,
     memory: tuple[MemoryRecord, Bound] | None = None,
     environment_extra: dict[str, Any] | None = None,
 ) -> Report:
@@ -73,6 +74,9 @@ def verify(
         config_overrides: config fields changed on purpose at load
             (``from_pretrained(path, **overrides)``): config_parity applies them to
             ``config.json`` before comparing.
+        reference_outputs: on any rank, a sample of a trusted unwrapped copy's outputs for
+            the forward check's batch (``smpcheck.checks.forward.reference_outputs(model)``
+            on rank 0's model before wrapping); the wrapped model's must agree with it.
         memory: this rank's monitor record and bound, for the memory check and the report.
         environment_extra: more facts for the report's environment (strategy, TP degree).
 
@@ -98,7 +102,8 @@ def verify(
         Path(checkpoint) if checkpoint else None,
         dense_model,
         process_group,
-        {"memory": memory} if memory else {},
+        {**({"memory": memory} if memory else {}),
+         **({"reference_outputs": reference_outputs} if reference_outputs else {})},
         adapter=Path(adapter) if adapter else None,
         config_overrides=dict(config_overrides or {}),
         checks=tuple(names),

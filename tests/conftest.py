@@ -12,6 +12,10 @@ from tests.models import FAMILIES, write_family
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Tiny models on a shared machine: one intra-op thread per rank. With torch's default (one per
+# core) every rank of every xdist worker fights for the same cores, and a suite run slows down
+# several times under load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -230,6 +230,7 @@ def test_transformers_own_tp_plan_is_judged(ranks, checkpoints) -> None:
         "initialised": "pass",
         "rank_parity": "pass",
         "checkpoint_parity": "pass",
+        "fresh_init": "skip",
         "tp_shards": "pass",
         "forward": "pass",
         "tp_numerics": "pass",
@@ -328,3 +329,27 @@ def test_a_check_failing_on_one_rank_neither_hangs_nor_stops_the_others(
                               "CheckpointError: checkpoint ") and "does not exist" in message
     assert results[0]["initialised"][0] == "pass" and results[0]["rank_parity"][0] == "pass"
     assert results[0]["tp_shards"][0] == "error"  # rank 1 has no checkpoint to slice either
+
+
+def each_node_loads_its_own_copy(paths: list[str]) -> dict:
+    """Loading on each node's local rank 0 (as transformers' FSDP loading does), with a stale
+    copy on the second 'node': every rank matches its own files, so only comparing the copies
+    across ranks shows it."""
+    from transformers import AutoModelForCausalLM
+
+    mine = paths[dist.get_rank()]
+    model = AutoModelForCausalLM.from_pretrained(mine)
+    report = smpcheck.verify(model, checkpoint=mine, checks=["checkpoint_parity"])
+    return {"failed": [(f.tensor, f.ranks) for f in report.results[0].errors],
+            "message": report.results[0].message}
+
+
+def test_a_stale_copy_of_the_checkpoint_on_another_node_is_named(ranks, tmp_path) -> None:
+    from tests.models import write_family
+
+    fresh = write_family("mistral", tmp_path / "a", seed=0)
+    stale = write_family("mistral", tmp_path / "b", seed=1)  # same shapes, older values
+    out = ranks(each_node_loads_its_own_copy, 2, args=([str(fresh), str(stale)],))[0]
+    assert out["failed"] == [("(checkpoint files)", [1])], out
+    same = ranks(each_node_loads_its_own_copy, 2, args=([str(fresh), str(fresh)],))[0]
+    assert same["failed"] == [], same

@@ -1,5 +1,6 @@
 """``smpcheck`` through its real console script: every strategy, TP, torchrun, faults, bad
-input (exit 2 with one sentence), a hang stopped at --timeout, and real BERT weights."""
+input (exit 2 with one sentence), a rank failing mid-run (exit 1 with a report), a hang
+stopped at --timeout, concurrent runs, and real BERT weights. No run leaves a process."""
 
 from __future__ import annotations
 
@@ -11,43 +12,69 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
+import transformers as T
 
 from tests.models import FAMILIES, write_checkpoint
 
 SMPCHECK = shutil.which("smpcheck") or "smpcheck"
 
 
+TAG = "SMPCHECK_TEST_TAG"
+
+
 def run_cli(*args: str, tmp: Path, env: dict | None = None, timeout: float = 240,
             launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the console script in ``tmp``; fail if any process it started outlives it."""
+    tag = uuid.uuid4().hex
     full_env = {**os.environ, "SMPCHECK_CACHE": str(tmp / "cache"),
                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                **(env or {})}
+                TAG: tag, **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in (env or {}):
             full_env.pop(key, None)
     command = (launcher or [SMPCHECK]) + list(args)
-    return subprocess.run(command, capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=tmp)
+    out = subprocess.run(command, capture_output=True, text=True, env=full_env,
+                         timeout=timeout, cwd=tmp)
+    left = leftovers(tag)
+    assert not left, f"processes outlived smpcheck: {left}"
+    return out
+
+
+def leftovers(tag: str, wait: float = 5.0) -> list[psutil.Process]:
+    """Processes started by the run tagged ``tag`` still alive after ``wait`` seconds (a
+    process whose parent has just exited may take a moment to die with it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not alive or time.monotonic() > deadline:
+            for proc in alive:
+                proc.kill()
+            return alive
+        time.sleep(0.2)
+
+
+def one_sentence(stderr: str) -> str:
+    """The single line smpcheck ends a failed run with; nothing else on stderr."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("smpcheck: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
 
 
 def report_json(tmp: Path, stem: str) -> dict:
     return json.loads((tmp / "reports" / f"{stem}.json").read_text())
-
-
-@pytest.mark.parametrize("strategy", ["smp", "fsdp2", "naive", "tp_plan", "streaming"])
-def test_demo_model_passes_with_every_strategy(tmp_path, strategy) -> None:
-    out = run_cli("run", "--strategy", strategy, tmp=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "[smpcheck] load" in out.stdout and "PASS  checkpoint_parity" in out.stdout
-    tp = 2 if strategy == "tp_plan" else 1
-    data = report_json(tmp_path, f"smpcheck-{strategy}-tp{tp}")
-    assert {r["name"]: r["status"] for r in data["results"]}["memory"] == "pass"
-    assert (tmp_path / "reports" / f"smpcheck-{strategy}-tp{tp}.html").exists()
-    assert (tmp_path / "reports" / f"smpcheck-{strategy}-tp{tp}.junit.xml").exists()
 
 
 def test_real_smp_strategy_is_a_clear_skip(tmp_path) -> None:
@@ -83,15 +110,62 @@ def _corrupt_tensor(path: Path, key: str) -> None:
 
 
 def test_checkpoint_with_one_corrupted_tensor_exits_1_naming_it(tmp_path) -> None:
+    """NaN reaches rank 1 through sync_module_states, and the recipe's own validator raises
+    ParamInitError there during wrap: a FAIL line naming the tensor and a report, not the
+    launcher's error wall."""
     config_cls, kwargs = FAMILIES["llama-gqa-untied"]
     path = write_checkpoint(config_cls(**kwargs), tmp_path / "ckpt")
-    _corrupt_tensor(path, "model.layers.1.mlp.down_proj.weight")
+    key = "model.layers.1.mlp.up_proj.weight"
+    _corrupt_tensor(path, key)
+    start = time.monotonic()
     out = run_cli("run", str(path), tmp=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
-    # NaN reaches every rank through sync_module_states; the validator of delayed init on the
-    # non-zero ranks stops the run there, naming the tensor.
-    assert "smpcheck: rank 1 failed" in out.stderr
-    assert "model.layers.1.mlp.down_proj.weight: contains NaN or Inf" in out.stderr
+    sentence = one_sentence(out.stderr)
+    assert "rank 1 failed in wrap: ParamInitError" in sentence
+    assert f"{key} (rank 1): contains NaN or Inf" in sentence
+    assert "FAIL  wrap" in out.stdout and f"[wrap] {key} (rank 1)" in out.stdout
+    data = report_json(tmp_path, "smpcheck-smp-tp1")
+    wrap = next(r for r in data["results"] if r["name"] == "wrap")
+    assert wrap["status"] == "fail" and wrap["findings"][0]["tensor"] == key
+    assert "raise ParamInitError" in wrap["traceback"]
+    log = (tmp_path / "reports" / "smpcheck-smp-tp1.log").read_text()
+    assert "ParamInitError" in log and "torch.distributed.elastic" in log
+    assert (tmp_path / "reports" / "smpcheck-smp-tp1.html").exists()
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.parametrize("where", ["0:wrap", "1:load"])
+def test_a_rank_failing_mid_run_still_writes_the_report(tmp_path, where) -> None:
+    """Rank 0 failing (its main thread writes the report) and rank 1 failing while rank 0 goes
+    on into the next collective (rank 0's watcher writes it and ends the rank)."""
+    rank, phase = where.split(":")
+    out = run_cli("run", tmp=tmp_path, env={"SMPCHECK_DEBUG_FAIL": where})
+    assert out.returncode == 1, out.stdout + out.stderr
+    sentence = one_sentence(out.stderr)
+    assert f"rank {rank} failed in {phase}: RuntimeError: planted failure" in sentence
+    result = report_json(tmp_path, "smpcheck-smp-tp1")["results"][0]
+    assert result["name"] == phase and result["status"] == "fail"
+    assert f"--- rank {rank}, phase {phase}" in result["traceback"]
+
+
+def test_missing_tensor_exits_1_naming_it(tmp_path) -> None:
+    """A tensor the checkpoint lacks is a data fault: the model loads (transformers inits it),
+    and checkpoint parity names it."""
+    config_cls, kwargs = FAMILIES["llama-gqa-untied"]
+    path = write_checkpoint(config_cls(**kwargs), tmp_path / "ckpt")
+    key = "model.layers.0.post_attention_layernorm.weight"
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        kept = {k: handle.get_tensor(k) for k in handle.keys() if k != key}
+    save_file(kept, str(path / "model.safetensors"), metadata={"format": "pt"})
+    out = run_cli("run", str(path), tmp=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "FAIL  checkpoint_parity" in out.stdout
+    assert "checkpoint_parity failed: " in one_sentence(out.stderr) and key in out.stderr
+    results = {r["name"]: r for r in report_json(tmp_path, "smpcheck-smp-tp1")["results"]}
+    assert any(f["tensor"] == key for f in results["checkpoint_parity"]["findings"])
 
 
 def _closed_port() -> int:
@@ -100,50 +174,111 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
+def _edit_json(file: Path, **changes) -> None:
+    data = json.loads(file.read_text())
+    data.update(changes)
+    file.write_text(json.dumps(data))
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory) -> dict[str, Path]:
+    """One broken model directory per class of bad input (tests/test_inputs.py has every
+    rule in process; these go through the console script)."""
     root = tmp_path_factory.mktemp("bad")
     config_cls, kwargs = FAMILIES["mistral"]
     good = write_checkpoint(config_cls(**kwargs), root / "good")
-    no_weights = root / "no-weights"
-    shutil.copytree(good, no_weights)
-    (no_weights / "model.safetensors").unlink()
-    corrupt = root / "corrupt"
-    shutil.copytree(good, corrupt)
-    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json!")
-    return {"good": good, "no_weights": no_weights, "corrupt": corrupt}
+
+    def broken(name: str) -> Path:
+        return Path(shutil.copytree(good, root / name))
+
+    (broken("no_weights") / "model.safetensors").unlink()
+    (broken("corrupt") / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"not json!")
+    weights = broken("truncated") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    (broken("config_json") / "config.json").write_text('{"model_type": "mistral",')
+    _edit_json(broken("config_type") / "config.json", model_type="mistral-9")
+    _edit_json(broken("config_sizes") / "config.json", intermediate_size=48)
+    sharded = broken("index_missing_file")
+    (sharded / "model.safetensors").unlink()
+    T.AutoModelForCausalLM.from_pretrained(good).save_pretrained(sharded, max_shard_size="40KB")
+    sorted(sharded.glob("model-*.safetensors"))[0].unlink()
+    return {"good": good, **{name: root / name for name in (
+        "no_weights", "corrupt", "truncated", "config_json", "config_type", "config_sizes",
+        "index_missing_file")}}
+
+
+# Bad input is refused in the parent before any rank starts: most cases call the CLI's main in
+# this process (a console-script start costs seconds of imports each); these go through the
+# real console script, one per way a refusal leaves it (a file, argparse, a launched rank).
+THROUGH_THE_CONSOLE_SCRIPT = {"corrupt", "bad_int", "rendezvous"}
+
+
+def main_in_process(args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """``smpcheck ARGS`` as the console script runs it, in this process: (exit code, stderr)."""
+    from smpcheck.cli import main
+
+    monkeypatch.chdir(tmp)
+    monkeypatch.setenv("SMPCHECK_CACHE", str(tmp / "cache"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own exits
+        code = exc.code
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("case", "sentence"), [
     ("unknown", "unknown model 'no-such-org/no-such-model': not a directory, and not in the "
                 "local Hugging Face cache"),
     ("no_weights", "no model.safetensors or model.safetensors.index.json"),
-    ("corrupt", "is not a readable safetensors file"),
+    ("corrupt", "declares a 16-byte header but is 17 bytes long"),
+    ("truncated", "bytes of data: truncated; re-copy it"),
+    ("config_json", "config.json is not valid JSON"),
+    ("config_type", "model_type 'mistral-9' is not known to transformers"),
+    ("config_sizes", "the config and the weights disagree"),
+    ("index_missing_file", "which does not exist in"),
     ("tp_world", "tp_size=3 does not divide the world size 2"),
     ("tp_heads", "num_key_value_heads=2 is not divisible by tp_size=4"),
     ("nproc", "--nproc-per-node 64 is more than this machine's"),
     ("strategy", "unknown strategy 'fastest'"),
+    ("bad_int", "argument --tp: invalid int value: 'two' (see smpcheck run --help)"),
+    ("unknown_flag", "unrecognized arguments: --fast"),
+    ("tp_zero", "--tp must be positive, got 0"),
+    ("report_dir", "cannot be created: "),
     ("rendezvous", "cannot reach the rendezvous at 127.0.0.1:"),
 ])
-def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence) -> None:
+def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence, monkeypatch,
+                                             capsys) -> None:
+    directory = {c: ["run", str(bad_inputs[c])] for c in (
+        "no_weights", "corrupt", "truncated", "config_json", "config_type", "config_sizes",
+        "index_missing_file")}
     args = {
+        **directory,
         "unknown": ["run", "no-such-org/no-such-model"],
-        "no_weights": ["run", str(bad_inputs["no_weights"])],
-        "corrupt": ["run", str(bad_inputs["corrupt"])],
         "tp_world": ["run", str(bad_inputs["good"]), "--tp", "3"],
         "tp_heads": ["run", str(bad_inputs["good"]), "--tp", "4", "--nproc-per-node", "4",
                      "--oversubscribe"],
         "nproc": ["run", "--nproc-per-node", "64"],
         "strategy": ["run", "--strategy", "fastest"],
+        "bad_int": ["run", "--tp", "two"],
+        "unknown_flag": ["run", "--fast"],
+        "tp_zero": ["run", "--tp", "0"],
+        "report_dir": ["run", "--report-dir", str(bad_inputs["good"] / "config.json" / "r")],
         "rendezvous": ["run", "--rendezvous-timeout", "3"],
     }[case]
     env = ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_closed_port())} if case == "rendezvous" else None)
     start = time.monotonic()
-    out = run_cli(*args, tmp=tmp_path, env=env, timeout=120)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert sentence in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    if case in THROUGH_THE_CONSOLE_SCRIPT:
+        out = run_cli(*args, tmp=tmp_path, env=env, timeout=120)
+        code, stderr = out.returncode, out.stderr
+    else:
+        code, stderr = main_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert sentence in one_sentence(stderr), stderr
+    assert not (tmp_path / "reports" / "smpcheck-smp-tp1.json").exists()
     assert time.monotonic() - start < 60
 
 
@@ -154,12 +289,24 @@ def test_hanging_rank_is_stopped_with_every_rank_stack(tmp_path) -> None:
     assert "rank 0: still running after the 25 s timeout" in out.stderr
     assert "rank 1: still running after the 25 s timeout" in out.stderr
     assert "_hang_if_asked" in out.stderr, "rank 1's stack must show where it hung"
-    assert "were still running after --timeout 25 s" in out.stderr
-    time.sleep(1)
-    leftovers = [p for p in psutil.process_iter(["cmdline"])
-                 if "SMPCHECK_DEBUG_HANG_RANK" in " ".join(p.info["cmdline"] or [])
-                 or (p.info["cmdline"] and "smpcheck.cli" in " ".join(p.info["cmdline"]))]
-    assert not leftovers, leftovers
+    assert "were still running after --timeout 25 s" in out.stderr  # run_cli: none left
+
+
+def test_killing_the_launcher_leaves_no_rank_behind(tmp_path) -> None:
+    """SIGKILL gives the launcher no chance to stop its ranks; they die with it."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "SMPCHECK_CACHE": str(tmp_path / "cache"), TAG: tag,
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "SMPCHECK_DEBUG_HANG_RANK": "1"}
+    with subprocess.Popen([SMPCHECK, "run", "--timeout", "300"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        for line in proc.stdout:  # rank 1 now hangs in wrap; rank 0 waits for it
+            if "[smpcheck] load" in line:
+                break
+        ranks = [child for child in psutil.Process(proc.pid).children(recursive=True)
+                 if "spawn_main" in " ".join(child.cmdline())]
+        assert len(ranks) == 2
+        proc.kill()
+    assert not leftovers(tag), "ranks outlived their launcher"
 
 
 def test_real_bert_weights_pass(tmp_path) -> None:
@@ -169,9 +316,28 @@ def test_real_bert_weights_pass(tmp_path) -> None:
     assert "PASS  checkpoint_parity" in out.stdout
 
 
-def test_report_and_env_commands(tmp_path) -> None:
-    out = run_cli("run", tmp=tmp_path)
-    assert out.returncode == 0
+def test_compare_runs_every_strategy_on_the_demo_model(tmp_path) -> None:
+    """One ``smpcheck compare`` over every strategy of ours: each run passes every check with
+    its reports written; the side-by-side report holds them all; ``smpcheck report`` rebuilds
+    a run's HTML from its JSON twin, byte for byte; ``smpcheck env`` answers."""
+    strategies = ["naive", "smp", "fsdp2", "streaming", "tp_plan"]
+    out = run_cli("compare", "--strategies", ",".join(strategies), tmp=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for strategy in strategies:
+        stem = f"smpcheck-{strategy}-tp{2 if strategy == 'tp_plan' else 1}"
+        statuses = {r["name"]: r["status"] for r in report_json(tmp_path, stem)["results"]}
+        assert "fail" not in statuses.values() and "error" not in statuses.values(), statuses
+        assert statuses["memory"] == "pass" and statuses["checkpoint_parity"] == "pass"
+        assert statuses["forward"] == "pass", (strategy, statuses)
+        assert (tmp_path / "reports" / f"{stem}.junit.xml").exists()
+    data = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert set(rows) == set(strategies) and all(r["ok"] for r in rows.values())
+    assert rows["naive"]["node_total_x_naive"] == 1.0
+    assert all(r["ready_s"] > 0 and len(r["per_rank"]) == 2 for r in rows.values())
+    html = (tmp_path / "reports" / "compare-demo.html").read_text()
+    assert 'id="compare"' in html and "streaming" in html
+    assert "streaming  pass" in out.stdout
     json_path = tmp_path / "reports" / "smpcheck-smp-tp1.json"
     html_path = json_path.with_suffix(".html")
     original = html_path.read_text()
@@ -183,14 +349,22 @@ def test_report_and_env_commands(tmp_path) -> None:
     assert env.returncode == 0 and "torch" in env.stdout and "backends" in env.stdout
 
 
-def test_compare_writes_one_side_by_side_report(tmp_path) -> None:
-    out = run_cli("compare", "--strategies", "naive,streaming", tmp=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
-    data = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())
-    rows = {r["strategy"]: r for r in data["rows"]}
-    assert set(rows) == {"naive", "streaming"} and all(r["ok"] for r in rows.values())
-    assert rows["naive"]["node_total_x_naive"] == 1.0
-    assert all(r["ready_s"] > 0 and len(r["per_rank"]) == 2 for r in rows.values())
-    html = (tmp_path / "reports" / "compare-demo.html").read_text()
-    assert 'id="compare"' in html and "streaming" in html
-    assert "streaming  pass" in out.stdout
+def test_concurrent_runs_never_share_a_port(tmp_path, monkeypatch) -> None:
+    """Four self-launched runs at once, each binding its rendezvous to port 0: all pass, none
+    joins another's store, no process is left (run_cli asserts it)."""
+    from smpcheck.demo import demo_checkpoint
+
+    monkeypatch.setenv("SMPCHECK_CACHE", str(tmp_path / "cache"))
+    demo_checkpoint()  # written once, here, rather than raced for by six runs
+
+    def one(i: int) -> subprocess.CompletedProcess:
+        (tmp_path / str(i)).mkdir()
+        return run_cli("run", "--strategy", "naive", "--nproc-per-node", "1",
+                       tmp=tmp_path / str(i), env={"SMPCHECK_CACHE": str(tmp_path / "cache")},
+                       timeout=180)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one, range(4)))
+    assert [o.returncode for o in outs] == [0] * 4, [o.stderr for o in outs]
+    assert time.monotonic() - start < 180

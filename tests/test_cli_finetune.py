@@ -93,12 +93,16 @@ def test_trained_adapter_dir_with_fsdp2(tmp_path, ckpt) -> None:
     (["--config", "num_lables=3"], "--config num_lables: not an attribute of LlamaConfig"),
     (["--peft", "."], "--peft .: no adapter_config.json there"),
 ])
-def test_unsupported_or_wrong_setup_exits_2_with_one_sentence(tmp_path, ckpt, args,
-                                                              sentence) -> None:
-    out = run_cli("run", str(ckpt), *args, tmp=tmp_path, timeout=120)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert sentence in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+def test_unsupported_or_wrong_setup_exits_2_with_one_sentence(tmp_path, ckpt, args, sentence,
+                                                              monkeypatch, capsys) -> None:
+    """Refused in the parent before any rank starts (the console script's own path is tested
+    in test_cli.py; here main runs in process: a script start costs seconds of imports)."""
+    from tests.test_cli import main_in_process
+
+    code, stderr = main_in_process(["run", str(ckpt), *args], tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert sentence in stderr, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
 
 
 # -- the flags' parsing, in process -------------------------------------------------------------

@@ -10,6 +10,7 @@ file and model is stated, and so are the bytes each rank read.
 from __future__ import annotations
 
 import re
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,11 @@ HINT = (
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
+STALE_HINT = ("every node must read the same checkpoint: this host holds a stale or partial "
+              "copy (loaders that read on each node's local rank 0 spread it silently); sync "
+              "the files, or load on global rank 0 only")
+
+
 @dataclass
 class Summary:
     findings: list[Finding]
@@ -34,6 +40,9 @@ class Summary:
     compared: int
     bytes_read: int
     sources: dict[str, list[str]] = field(default_factory=dict)  # tensor group -> sources
+    fingerprint: str = ""  # of this rank's copy of the files (headers and sampled blocks)
+    fingerprint_bytes: int = 0
+    host: str = ""
 
 
 def source_groups(sources: list[tuple[Any, Any]]) -> dict[str, list[str]]:
@@ -67,13 +76,15 @@ class CheckpointParity:
                 findings.append(Finding(piece.name, [ctx.rank], f"built on load from several "
                                         f"checkpoint tensors, but {source.note}: not compared",
                                         severity="warning"))
+        fingerprint = expectations.checkpoint.fingerprint()
         unused = set(expectations.checkpoint.files) - expectations.used
         return Summary(findings, unused, expectations.casts, len(comparisons),
-                       expectations.bytes_read, source_groups(sources))
+                       expectations.bytes_read, source_groups(sources), fingerprint,
+                       expectations.checkpoint.fingerprint_bytes, socket.gethostname())
 
     def judge(self, ctx: CheckContext, summaries: list[Any]) -> CheckResult:
         present = ranked(summaries)
-        findings = merge_findings([s.findings for _, s in present])
+        findings = merge_findings([s.findings for _, s in present]) + _copies_differ(present)
         unexpected = set.intersection(*(s.unused for _, s in present))
         findings += [
             Finding(key, [r for r, _ in present], "in the checkpoint but used by no tensor of "
@@ -86,9 +97,24 @@ class CheckpointParity:
         read = [s.bytes_read for _, s in present]
         words = (f"{sum(s.compared for _, s in present)} pieces compared with the files"
                  f"{cast_words}; read {human_bytes(max(read))} on the busiest rank, "
-                 f"{human_bytes(sum(read))} in all")
+                 f"{human_bytes(sum(read))} in all, plus "
+                 f"{human_bytes(max(s.fingerprint_bytes for _, s in present))} per rank to "
+                 "fingerprint its copy")
         errors = sum(f.severity == "error" for f in findings)
         return result(self.name, findings, f"{words}: all equal", f"{words}: {errors} problems")
+
+
+def _copies_differ(present: list[tuple[int, Summary]]) -> list[Finding]:
+    """A finding for the ranks whose copy of the checkpoint is not the lowest rank's."""
+    base_rank, base = present[0]
+    other = [(r, s) for r, s in present if s.fingerprint != base.fingerprint]
+    if not other:
+        return []
+    hosts = sorted({s.host for _, s in other})
+    return [Finding("(checkpoint files)", [r for r, _ in other],
+                    f"the copy of the checkpoint on {', '.join(hosts)} differs from the one "
+                    f"rank {base_rank} reads on {base.host} (headers or sampled bytes differ)",
+                    hint=STALE_HINT)]
 
 
 def expected_data(summaries: list[Any], hosts: list[str]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ So one tiny batch goes through the model as the training loop will call it (FSDP
 TP, DDP: the forward is collective), in eval mode (no dropout: every rank must agree) and
 without gradients. It must run, give finite outputs of a shape the config explains, and agree
 across ranks (every rank fed the same batch computes the same logits, whatever it holds).
-With ``dense_model=``, a sample of the logits is compared with the dense model's too.
+With ``dense_model=``, or ``reference_outputs=`` taken from rank 0's model before wrapping
+(:func:`reference_outputs`), a sample of the logits is compared with the reference too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,34 @@ class Prepared:
     ids: torch.Tensor
     device: torch.device
     kwargs: dict[str, Any]
+
+
+def smoke_batch(config: Any) -> tuple[torch.Tensor, dict[str, Any]] | str:
+    """The fixed batch (input ids and keywords) every rank feeds, or why none can be built."""
+    if config is None:
+        return "not a transformers model: no config to build an input from"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model needs decoder inputs; not built here"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not vocab:
+        return "the config names no vocabulary to draw input ids from"
+    ids = torch.randint(0, vocab, (1, SEQUENCE), generator=torch.Generator().manual_seed(0))
+    return ids, ({"use_cache": False} if hasattr(config, "use_cache") else {})
+
+
+@torch.no_grad()
+def reference_outputs(model: torch.nn.Module) -> list[float] | None:
+    """A sample of ``model``'s outputs for the smoke batch: taken from a trusted unwrapped
+    copy (rank 0's model right after loading) and passed to ``verify(reference_outputs=)``,
+    it lets the forward check compare the wrapped model with it. None when no batch fits."""
+    batch = smoke_batch(getattr(model, "config", None))
+    if isinstance(batch, str):
+        return None
+    ids, kwargs = batch
+    device = next(p.device for p in model.parameters())
+    with eval_mode(model):
+        return _sample(_logits(model(input_ids=ids.to(device), **kwargs)))
 
 
 @dataclass
@@ -81,21 +110,13 @@ class ForwardSmoke:
     name = "forward"
 
     def prepare(self, ctx: CheckContext) -> Prepared | Skip:
-        config = ctx.config
-        if config is None:
-            return Skip("not a transformers model: no config to build an input from")
-        if getattr(config, "is_encoder_decoder", False):
-            return Skip("an encoder-decoder model needs decoder inputs; not built here")
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        vocab = getattr(text, "vocab_size", None)
-        if not vocab:
-            return Skip("the config names no vocabulary to draw input ids from")
+        batch = smoke_batch(ctx.config)
+        if isinstance(batch, str):
+            return Skip(batch)
         device = next((p.device for p in ctx.model.parameters() if not p.is_meta), None)
         if device is None:
             return Skip("every parameter is on the meta device (see initialised)")
-        ids = torch.randint(0, vocab, (1, SEQUENCE), generator=torch.Generator().manual_seed(0))
-        kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
-        return Prepared(ids, device, kwargs)
+        return Prepared(batch[0], device, batch[1])
 
     def collective(self, ctx: CheckContext, prepared: Prepared) -> Outputs | LocalFindings:
         with torch.no_grad(), eval_mode(ctx.model):
@@ -104,7 +125,7 @@ class ForwardSmoke:
                                            **prepared.kwargs))
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 return forward_error(ctx, exc, "the wrapped model's forward")
-            dense = None
+            dense = ctx.options.get("reference_outputs")
             if ctx.dense_model is not None:
                 device = next(ctx.dense_model.parameters()).device
                 with eval_mode(ctx.dense_model):

@@ -74,6 +74,7 @@ class Report:
     memory: dict[str, Any] = field(default_factory=dict)
     # Where each tensor group's expected value came from, and what each rank read for it.
     expected: dict[str, Any] = field(default_factory=dict)
+    log: str = ""  # the log beside the report, when a rank failed: every traceback in full
 
     @property
     def ok(self) -> bool:
@@ -123,7 +124,7 @@ class Report:
             for r in data["results"]
         ]
         return cls(results, data.get("environment", {}), data.get("memory", {}),
-                   data.get("expected", {}))
+                   data.get("expected", {}), data.get("log", ""))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Report:

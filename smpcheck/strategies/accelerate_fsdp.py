@@ -23,6 +23,7 @@ import torch.distributed as dist
 from smpcheck.compat import accelerate_fsdp_unavailable
 from smpcheck.integrations.accelerate import MEMORY_ROWS, gather_loading
 from smpcheck.integrations.loading import probe_loading
+from smpcheck.phases import LOAD, WRAP
 from smpcheck.strategies.base import RunOptions, StrategyBase, load_kwargs
 
 
@@ -44,10 +45,10 @@ class _AccelerateFSDP(StrategyBase):
         accelerator = self._accelerator(opts)
         self.model = AutoModelForCausalLM.from_pretrained(opts.source.path, **load_kwargs(opts))
         mine = probe_loading(self.model, opts.source.path, dist.get_rank())
-        yield "load"
+        yield LOAD
         optimizer = torch.optim.AdamW(self.model.parameters())  # FSDP2 prepares both at once
         self.model, _ = accelerator.prepare(self.model, optimizer)
-        yield "wrap"
+        yield WRAP
         self.environment = {"fsdp_version": self.fsdp_version,
                             "cpu_ram_efficient_loading": True, **gather_loading(mine)}
         if dist.get_rank() == 0:

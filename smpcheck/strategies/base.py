@@ -49,10 +49,16 @@ class RunOptions:
 
 
 class StrategyBase:
-    """Defaults shared by every strategy: no model yet, available everywhere."""
+    """Defaults shared by every strategy: no model yet, available everywhere. The class
+    attributes are the facts the CLI, the job and the memory bound ask a strategy about."""
 
     name = ""
-    memory_strategy = ""
+    memory_strategy = ""  # the row of smpcheck.memory's bound table this strategy follows
+    tp_over_world = False  # its own TP over every rank (transformers' tp_plan): tp = world
+    fine_tuning = True  # builds another head, config overrides and adapters on request
+    adapters = True  # can attach PEFT adapters after loading
+    adapters_under_tp = False  # its TP shards the adapters too (ours does not)
+    whole_model_on_rank0 = True  # rank 0 holds the whole loaded model after "load"
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -60,12 +66,27 @@ class StrategyBase:
     def unavailable(self) -> str | None:
         return None
 
+    @classmethod
+    def tp_degree(cls, requested: int, world: int) -> int:
+        """The TP degree a run with ``--tp requested`` on ``world`` ranks uses."""
+        return world if cls.tp_over_world and requested == 1 else requested
+
+    @classmethod
+    def sharded_over(cls, world: int, tp: int) -> int:
+        """How many ranks split the weights between them (for the memory bound)."""
+        return tp if cls.tp_over_world else world
+
 
 class Strategy(Protocol):
     """``phases(opts)`` yields phase names; after each, ``self.model`` is the current model."""
 
     name: str
     memory_strategy: str  # the row of the memory-bound table this strategy follows
+    tp_over_world: bool
+    fine_tuning: bool
+    adapters: bool
+    adapters_under_tp: bool
+    whole_model_on_rank0: bool
     model: nn.Module | None
 
     def unavailable(self) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from smpcheck.compat import tp_plan_unavailable
+from smpcheck.phases import LOAD, TRANSFORM, WRAP
 from smpcheck.strategies.base import (
     RunOptions,
     StrategyBase,
@@ -20,6 +21,9 @@ class TransformersTPPlan(StrategyBase):
 
     name = "tp_plan"
     memory_strategy = "tp_plan"
+    tp_over_world = True
+    adapters_under_tp = True  # PEFT shards LoRA along transformers' plan
+    whole_model_on_rank0 = False
 
     def unavailable(self) -> str | None:
         return tp_plan_unavailable()
@@ -35,7 +39,7 @@ class TransformersTPPlan(StrategyBase):
         self.model = cls.from_pretrained(opts.source.path, tp_plan="auto", **load_kwargs(opts))
         # Every rank holds its shards: each reads the adapter; PEFT syncs LoRA across TP ranks.
         self.model = with_adapters(self.model, opts, rank=0)
-        yield "load"
+        yield LOAD
 
 
 class SageMakerSMP(StrategyBase):
@@ -43,6 +47,7 @@ class SageMakerSMP(StrategyBase):
 
     name = "sagemaker"
     memory_strategy = "smp"
+    adapters = False  # SMP's own recipe, which smpcheck does not extend with PEFT
 
     def unavailable(self) -> str | None:
         try:
@@ -67,9 +72,9 @@ class SageMakerSMP(StrategyBase):
         tsm.init({"tensor_parallel_degree": opts.tp})
         self.model = load_on_rank0(opts.source.path, model_class=opts.model_class,
                                    **load_kwargs(opts))
-        yield "load"
+        yield LOAD
         self.model = tsm.transform(self.model, load_state_dict_from_rank0=True)
-        yield "transform"
+        yield TRANSFORM
         initer = DelayedParamIniter(self.model) if dist.get_rank() else None
         with initer.validate_params_and_buffers_inited() if initer else nullcontext():
             self.model = FSDP(
@@ -77,4 +82,4 @@ class SageMakerSMP(StrategyBase):
                 device_id=device_of(opts).index, sync_module_states=True,
                 param_init_fn=initer.get_param_init_fn() if initer else None,
                 post_param_init_fn=initer.get_post_param_init_fn() if initer else None)
-        yield "wrap"
+        yield WRAP

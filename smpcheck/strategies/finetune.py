@@ -142,7 +142,7 @@ def _leaf_names(model: Any) -> list[str]:
     return seen[:8]
 
 
-def fine_tuning_options(path: Path, strategy: str, tp: int, *, model_class: str | None,
+def fine_tuning_options(path: Path, strategy: Any, tp: int, *, model_class: str | None,
                         num_labels: int | None, config: list[str], lora: str | None,
                         peft: str | None) -> dict[str, Any]:
     """Parse and validate the fine-tuning flags against the checkpoint and the strategy;
@@ -174,16 +174,16 @@ def fine_tuning_options(path: Path, strategy: str, tp: int, *, model_class: str 
     return fields
 
 
-def _check_strategy(strategy: str, tp: int, adapters: bool) -> None:
-    """The combinations no strategy here can run, each as one sentence."""
-    if strategy == "streaming":
-        raise UsageError("--strategy streaming loads the checkpoint's own model only; use "
-                         "--strategy smp or fsdp2 for --model-class, --num-labels, --config, "
+def _check_strategy(strategy: Any, tp: int, adapters: bool) -> None:
+    """The combinations ``strategy`` (a strategy class) cannot run, each as one sentence."""
+    if not strategy.fine_tuning:
+        raise UsageError(f"--strategy {strategy.name} loads the checkpoint's own model only; "
+                         "use --strategy smp or fsdp2 for --model-class, --num-labels, --config, "
                          "--lora and --peft")
-    if adapters and strategy == "sagemaker":
-        raise UsageError("--strategy sagemaker runs SMP's own recipe, which smpcheck does not "
+    if adapters and not strategy.adapters:
+        raise UsageError(f"--strategy {strategy.name} runs a recipe that smpcheck does not "
                          "extend with PEFT adapters; use --strategy smp for --lora or --peft")
-    if adapters and tp > 1 and strategy != "tp_plan":  # PEFT itself handles transformers' TP
+    if adapters and tp > 1 and not strategy.adapters_under_tp:
         raise UsageError("--lora and --peft cannot be combined with --tp: our tensor-parallel "
                          "plan does not shard LoRA layers; drop --tp (FSDP alone shards them) "
                          "or use --strategy tp_plan")

@@ -18,6 +18,7 @@ from reference_impl import (
     load_on_rank0,
     transform,
 )
+from smpcheck.phases import LOAD, TRANSFORM, WRAP
 from smpcheck.strategies.base import (
     RunOptions,
     StrategyBase,
@@ -42,15 +43,15 @@ class _Recipe(StrategyBase):
         self.model = load_on_rank0(opts.source.path, rank=loader_rank,
                                    model_class=opts.model_class, **load_kwargs(opts))
         self.model = with_adapters(self.model, opts, 0 if self.every_rank_loads else rank)
-        yield "load"
+        yield LOAD
         mesh = build_mesh(device, opts.tp)
         if opts.tp > 1:
             self.model = transform(self.model, device_mesh=mesh, device=device,
                                    load_state_dict_from_rank0=not self.every_rank_loads)
-            yield "transform"
+            yield TRANSFORM
         if mesh["dp"].size() > 1 or opts.tp == 1:  # one replica: TP is all the parallelism
             self.model = self.wrap(self.model, rank, device, mesh, opts)
-            yield "wrap"
+            yield WRAP
 
     def wrap(self, model: nn.Module, rank: int, device, mesh, opts: RunOptions) -> nn.Module:
         raise NotImplementedError
@@ -106,10 +107,12 @@ class Streaming(StrategyBase):
 
     name = "streaming"
     memory_strategy = "streaming"
+    fine_tuning = False  # streams the checkpoint's own model
+    whole_model_on_rank0 = False  # no rank ever holds it: the point of streaming
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         from reference_impl.streaming import load_streaming
 
         self.model = load_streaming(opts.source.path, device=device_of(opts), tp_size=opts.tp,
                                     dtype=opts.dtype)
-        yield "load"
+        yield LOAD

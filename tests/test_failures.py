@@ -1,0 +1,105 @@
+"""The failure protocol's pure parts, in process: records through a real store, the cause
+among several failed ranks, and the FAIL lines the report gets. The whole protocol (a rank
+failing, its peers stuck in a collective, the report written) runs in tests/test_cli.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from smpcheck.failures import (
+    FailureBoard,
+    RankFailure,
+    cause,
+    failure_results,
+    tensor_problems,
+)
+from smpcheck.job import Progress
+from smpcheck.report.model import Report, Status
+
+PARAM_INIT = ("rank 2: 2 problems in LlamaForCausalLM after delayed parameter init:\n"
+              "  model.layers.1.mlp.up_proj.weight: contains NaN or Inf\n"
+              "  model.norm.weight: still on the meta device (param_init_fn never reached "
+              "its module: ignored by FSDP, or outside every wrapped unit?)")
+
+
+def failure(rank: int, at: float, message: str = "boom", phase: str = "wrap",
+            error: str = "RuntimeError") -> RankFailure:
+    return RankFailure(rank, phase, error, message, f"Traceback of rank {rank}\n", at,
+                       tensor_problems(message) if error == "ParamInitError" else [])
+
+
+def test_param_init_error_lines_become_tensor_problems() -> None:
+    assert tensor_problems(PARAM_INIT) == [
+        ("model.layers.1.mlp.up_proj.weight", "contains NaN or Inf"),
+        ("model.norm.weight", "still on the meta device (param_init_fn never reached its "
+                              "module: ignored by FSDP, or outside every wrapped unit?)"),
+    ]
+    assert tensor_problems("one line only") == []
+
+
+def test_summary_is_the_first_line_without_the_rank() -> None:
+    assert failure(2, 0, PARAM_INIT, error="ParamInitError").summary == (
+        "ParamInitError: 2 problems in LlamaForCausalLM after delayed parameter init")
+    assert failure(0, 0, "").summary == "RuntimeError"
+
+
+def test_the_cause_is_not_a_peer_that_lost_its_connection() -> None:
+    lost = failure(0, 1.0, "Connection closed by peer [127.0.0.1]:1234")
+    real = failure(3, 2.0, "CUDA out of memory")
+    assert cause([lost, real]) is real
+    assert cause([failure(2, 5.0), failure(1, 5.0)]).rank == 1  # same instant: lowest rank
+
+
+def test_one_fail_line_per_phase_with_tensors_merged_across_ranks() -> None:
+    failures = [failure(r, 1.0 + r, PARAM_INIT.replace("rank 2", f"rank {r}"),
+                        error="ParamInitError") for r in (1, 2, 3)]
+    failures.append(failure(0, 9.0, "Connection reset by peer", phase="check"))
+    wrap, check = failure_results(failures)
+    assert (wrap.name, wrap.status, check.name) == ("wrap", Status.FAIL, "check")
+    assert wrap.message == ("rank 1 failed in wrap: ParamInitError: 2 problems in "
+                            "LlamaForCausalLM after delayed parameter init (ranks 2, 3 too)")
+    assert [(f.tensor, f.ranks) for f in wrap.findings] == [
+        ("model.layers.1.mlp.up_proj.weight", [1, 2, 3]), ("model.norm.weight", [1, 2, 3])]
+    assert "--- rank 1, phase wrap" in wrap.traceback and "Traceback of rank 3" in (
+        wrap.traceback)
+    assert check.findings == []  # a generic exception: the message says it all
+
+
+def test_report_with_a_failed_phase_round_trips_through_json(tmp_path) -> None:
+    report = Report(failure_results([failure(1, 1.0)]), {"strategy": "smp"}, {},
+                    str(tmp_path / "x.log"))
+    report.to_json(tmp_path / "r.json")
+    again = Report.from_json(tmp_path / "r.json")
+    assert not again.ok and again.log == report.log
+    assert again.results[0].traceback == report.results[0].traceback
+
+
+def test_report_json_without_the_new_fields_still_loads(tmp_path) -> None:
+    """Reports written before tracebacks and logs existed."""
+    (tmp_path / "old.json").write_text('{"results": [{"name": "preflight", "status": "pass", '
+                                       '"message": "ok", "findings": []}]}')
+    old = Report.from_json(tmp_path / "old.json")
+    assert old.ok and old.log == "" and old.results[0].traceback == ""
+
+
+def test_board_round_trips_records_through_a_store(tmp_path) -> None:
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    board = FailureBoard(dist.PrefixStore("smpcheck/0/", store), world_size=4)
+    assert not board.any_failed() and not board.reported()
+    posted = failure(2, 3.0, PARAM_INIT, error="ParamInitError")
+    board.post(posted)
+    assert board.any_failed() and board.failures() == [posted]
+    board.mark_reported()
+    assert board.reported()
+
+
+@pytest.mark.parametrize(("tp", "done", "running"), [
+    (1, [], "load"), (1, ["load"], "wrap"), (2, ["load"], "transform"),
+    (2, ["load", "transform"], "wrap"), (1, ["load", "transform"], "wrap"),
+    (1, ["load", "wrap"], "wrap"),  # the strategy finishing after its last phase
+])
+def test_a_failure_is_charged_to_the_phase_running(tp, done, running) -> None:
+    progress = Progress(tp, done=list(done))
+    progress.strategy_phase()
+    assert progress.phase == running

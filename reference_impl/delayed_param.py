@@ -10,7 +10,9 @@ weights. What goes wrong in practice (``shared/FAULTS.md``) and what this class 
 * Modules without ``reset_parameters`` keep garbage: every new tensor is first filled with a
   sentinel (NaN, or the dtype's minimum for integers); the init methods run in turn (the user's
   ``init_method_using_config``, the model's own ``_init_weights``, the module's
-  ``reset_parameters``) until no sentinel is left, and whatever keeps one is reported.
+  ``reset_parameters``, and last the value a fresh build gives a vector parameter: some
+  releases' ``_init_weights`` skip norms) until no sentinel is left, and whatever keeps one
+  is reported.
 * Non-persistent buffers (rotary ``inv_freq``) are in no state dict: their expected values are
   computed once from the config (a skeleton built under ``init_empty_weights``, where buffers
   are real) and written back whenever a module is materialised, never left as ``to_empty``
@@ -139,29 +141,41 @@ class DelayedParamIniter:
             id(m): clean_name(n) for n, m in model.named_modules(remove_duplicate=False)
         }
         self._tie_groups = tie_groups(model)
-        self._expected_buffers = self._expected_buffer_values(model)
+        self._expected_buffers, self._constructed = self._skeleton_values(model)
         self._materialized: dict[int, nn.Parameter] = {}
         self._meta_originals: list[nn.Parameter] = []  # keeps ids in _materialized unique
         self._left_uninitialised: dict[str, str] = {}
 
-    def _expected_buffer_values(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Buffer values to restore, by the model's names: a fresh computation from the config
-        for what the transformers model holds (found through PEFT's renames), else a snapshot
-        of the buffers that are real now (PEFT's own)."""
+    def _skeleton_values(
+        self, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Values a fresh build gives, by the model's names: buffers to restore (computed
+        from the config for what the transformers model holds, found through PEFT's renames,
+        else a snapshot of the buffers that are real now: PEFT's own), and the construction
+        values of the transformers model's vector parameters (norm weights, biases), the last
+        resort for a module no init method covers."""
         expected = {
             name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta
         }
+        constructed: dict[str, torch.Tensor] = {}
         hf = self._hf_model
         if hf is not None:
             dtype = next((p.dtype for p in hf.parameters() if p.is_floating_point()), None)
-            fresh = dict(build_meta_model(hf.config, dtype or torch.float32, type(hf))
-                         .named_buffers())
+            skeleton = build_meta_model(hf.config, dtype or torch.float32, type(hf),
+                                        real_vectors=True)
             to_base = name_mapper(model)
-            for name, _ in model.named_buffers():
-                value = fresh.get(to_base(name))
-                if value is not None and not value.is_meta:
-                    expected[name] = value.detach().clone()
-        return {clean_name(name): value for name, value in expected.items()}
+            for found, names, table in (
+                (expected, model.named_buffers(), dict(skeleton.named_buffers())),
+                (constructed, model.named_parameters(), dict(skeleton.named_parameters())),
+            ):
+                for name, _ in names:
+                    value = table.get(to_base(name))
+                    if value is not None and not value.is_meta:
+                        found[name] = value.detach().clone()
+        return (
+            {clean_name(name): value for name, value in expected.items()},
+            {clean_name(name): value for name, value in constructed.items()},
+        )
 
     def _full_name(self, module: nn.Module, attr: str) -> str:
         prefix = self._module_names.get(id(module), "")
@@ -220,6 +234,15 @@ class DelayedParamIniter:
             yield f"{type(model).__name__}._init_weights", lambda: model._init_weights(module)
         if callable(getattr(module, "reset_parameters", None)):
             yield f"{type(module).__name__}.reset_parameters", module.reset_parameters
+        yield f"{type(module).__name__}.__init__", lambda: self._construct(module)
+
+    def _construct(self, module: nn.Module) -> None:
+        """Give each of the module's own parameters that still holds the sentinel the value a
+        fresh build of the model gives it, where the skeleton has one (vectors only)."""
+        for attr, param in module._parameters.items():
+            value = self._constructed.get(self._full_name(module, attr))
+            if param is not None and value is not None and has_sentinel(param):
+                param.copy_(value.to(param.device, param.dtype))
 
     @torch.no_grad()
     def _run_init(self, module: nn.Module, fresh: list[tuple[str, torch.Tensor]]) -> None:

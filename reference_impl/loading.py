@@ -9,6 +9,8 @@ buffers computed for real, and tied weights re-tied (the tie is broken at constr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from accelerate import init_empty_weights
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -163,15 +166,40 @@ def split_from_pretrained_kwargs(
                     loading_kwargs={**loading, **unused})
 
 
+@contextmanager
+def init_matrices_empty() -> Iterator[None]:
+    """``init_empty_weights`` for parameters of two or more dimensions only: vectors (norm
+    weights, biases: a few per layer, a tiny share of the model) keep the values construction
+    gives them, which is the only init some releases have for them (transformers 4.50's
+    ``LlamaPreTrainedModel._init_weights`` leaves ``LlamaRMSNorm`` to its ``torch.ones``)."""
+    register = nn.Module.register_parameter
+
+    def register_matrix_on_meta(module: nn.Module, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.dim() > 1:
+            kwargs = {**param.__dict__, "requires_grad": param.requires_grad}
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register_matrix_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def build_meta_model(
     config: PretrainedConfig,
     dtype: torch.dtype,
     model_class: type[PreTrainedModel] | None = None,
+    *,
+    real_vectors: bool = False,
     **init_kwargs: Any,
 ) -> PreTrainedModel:
-    """The architecture of ``config`` with parameters on meta, real buffers, ties restored."""
+    """The architecture of ``config`` with parameters on meta, real buffers, ties restored;
+    with ``real_vectors``, parameters of at most one dimension are real too (see
+    :func:`init_matrices_empty`)."""
     cls = model_class or model_class_for(config)
-    with init_empty_weights():
+    with init_matrices_empty() if real_vectors else init_empty_weights():
         model = cls._from_config(config, **{_DTYPE_KWARG: dtype}, **init_kwargs)
     model.tie_weights()
     return model.eval()

@@ -41,7 +41,7 @@ def _style(kind: str) -> ParallelStyle | None:
         return ColwiseParallel()
     if kind == "rowwise":
         return RowwiseParallel()
-    if kind == "colwise_gather_output":
+    if kind in ("colwise_gather_output", "colwise_rep"):  # transformers 5's name, 4.x's
         return ColwiseParallel(output_layouts=Replicate())
     if kind == "embedding_rowwise":
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())

@@ -336,7 +336,7 @@ def reset_init(twin: nn.Module) -> None:
 
 def hf_init(twin: nn.Module) -> None:
     """transformers' init of every (outermost) ``PreTrainedModel`` in the twin, as its
-    ``init_weights`` runs it: ``initialize_weights()`` (4.5x and 5.x) on untied weights, each
+    ``init_weights`` runs it: ``initialize_weights()`` (4.52 on) on untied weights, each
     sub-model's ``_init_weights`` named as the source of what it writes, then ``tie_weights()``,
     so a tied ``lm_head`` ends with its embedding's rule (padding row zeroed included)."""
     from transformers import PreTrainedModel
@@ -356,9 +356,17 @@ def hf_init(twin: nn.Module) -> None:
         _untie(model)  # as built: tied tensors are initialised apart, then tied
         if hasattr(model, "initialize_weights"):
             model.initialize_weights()
-        else:
-            model.apply(model._init_weights)
+        else:  # transformers before 4.52: what its init_weights() applies
+            _apply_plain(model, model._init_weights)
         model.tie_weights()
+
+
+def _apply_plain(module: nn.Module, fn: Callable[[nn.Module], object]) -> None:
+    """``nn.Module.apply`` (children first) without a wrapper's override of it: FSDP1's
+    ``apply`` gathers full parameters, a collective that only ranks with fresh tensors run."""
+    for child in module.children():
+        _apply_plain(child, fn)
+    fn(module)
 
 
 def _untie(model: nn.Module) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 import smpcheck
 from reference_impl import load_on_rank0
 from tests.faults import SETUPS, build, param_names, plant, set_tied_param
+from tests.releases import needs_tp_plan
 
 FAMILIES = ["llama-gqa-tied", "llama-gqa-untied", "mistral", "qwen2", "gpt-neox"]
 
@@ -220,6 +221,7 @@ def hf_tp_plan(path: str) -> dict:
     return {r.name: r.status.value for r in report.results}
 
 
+@needs_tp_plan
 def test_transformers_own_tp_plan_is_judged(ranks, checkpoints) -> None:
     statuses = ranks(hf_tp_plan, 2, args=(str(checkpoints["llama-gqa-untied"]),))[0]
     assert statuses == {

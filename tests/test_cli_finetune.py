@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from tests.models import FAMILIES, write_checkpoint
 from tests.test_cli import report_json, run_cli
@@ -52,7 +53,11 @@ def test_new_lora_with_modules_to_save_with_smp(tmp_path, ckpt) -> None:
                   "r=4,alpha=8,targets=q_proj,v_proj,modules_to_save=score", tmp=tmp_path)
     results = assert_ran_and_only_parity_differs(
         out, tmp_path, "smpcheck-smp-tp1", lambda name: name.startswith("base_model.model."))
-    assert "32 tensors" in results["preflight"]["message"], "4 x 2 adapters and 2 score copies"
+    # 21 base parameters, 4 x 2 adapters, the score's second copy, and the rotary buffers
+    # (inv_freq; transformers 5 registers original_inv_freq too)
+    config_cls, kwargs = FAMILIES["llama-gqa-untied"]
+    rotary = len(list(LlamaRotaryEmbedding(config=config_cls(**kwargs)).buffers()))
+    assert f"{30 + rotary} tensors" in results["preflight"]["message"], results["preflight"]
 
 
 def test_trained_adapter_dir_with_fsdp2(tmp_path, ckpt) -> None:

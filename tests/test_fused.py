@@ -8,10 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as T
-from safetensors import safe_open
-from transformers.core_model_loading import (
+
+pytest.importorskip("transformers.core_model_loading",
+                    reason="transformers 4.x fuses no weights on load: nothing to rebuild")
+
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers.core_model_loading import (  # noqa: E402
     Chunk,
     Concatenate,
     Interleave,

@@ -129,8 +129,13 @@ def test_unreadable_or_unknown_config(single, text, words) -> None:
 def test_config_that_transformers_refuses(single) -> None:
     edit_json(single / "config.json", lambda c: c.update(hidden_size=30))
     sentence = problem(single)
-    assert "config.json does not load as a llama config" in sentence
-    assert "not a multiple of the number of attention heads" in sentence
+    try:
+        T.AutoConfig.from_pretrained(single)
+    except Exception:  # transformers 5 validates the head arithmetic itself (its own error type)
+        assert "config.json does not load as a llama config" in sentence
+        assert "not a multiple of the number of attention heads" in sentence
+    else:  # 4.x loads it: the weights saved with the real config then disagree with it
+        assert "the config and the weights disagree" in sentence
 
 
 @pytest.mark.parametrize(("field", "value", "key"), [

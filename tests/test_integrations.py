@@ -23,6 +23,7 @@ from smpcheck.report.compare import compare, text_table, write_comparison
 from smpcheck.report.model import CheckResult, Finding, Report, Status
 from smpcheck.units import human_bytes
 from tests.models import FAMILIES
+from tests.releases import needs_accelerate_fsdp, needs_tp_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "integration_ranks.py"
@@ -53,6 +54,7 @@ def assert_sharded(environment: dict, wrapper: str) -> None:
 
 # --- transformers.Trainer -------------------------------------------------------------------
 
+@needs_accelerate_fsdp
 def test_trainer_example_checks_the_wrapped_model_then_trains(checkpoints, tmp_path) -> None:
     version = 2  # FSDP1 passes and trains in the collectives test below
     out = launch([*TORCHRUN, str(ROOT / "examples" / "trainer_fsdp.py"),
@@ -72,6 +74,7 @@ def test_trainer_example_checks_the_wrapped_model_then_trains(checkpoints, tmp_p
     assert (reports / "smpcheck-trainer.junit.xml").exists()
 
 
+@needs_accelerate_fsdp
 @pytest.mark.parametrize("version, tensor, check", [
     (2, "model.rotary_emb.inv_freq", "initialised"),
     (1, "model.layers.1.mlp.up_proj.weight", "checkpoint_parity"),
@@ -91,6 +94,7 @@ def test_trainer_stops_every_rank_before_the_first_step_on_a_planted_fault(
     assert_sharded(report["environment"], f"fsdp{version}")
 
 
+@needs_accelerate_fsdp
 def test_callback_adds_no_collective_when_disabled_and_one_verify_when_enabled(
         checkpoints, tmp_path) -> None:
     """Under FSDP1: three trainings (no callback, disabled, enabled) counting the calls to
@@ -139,6 +143,7 @@ def callback_on_tp_plan_model(path: str, out: str, break_tie: bool) -> dict:
             "tp_shards": callback.report.result("tp_shards").status.value}
 
 
+@needs_tp_plan
 def test_callback_judges_a_tp_plan_model_and_names_a_broken_tie(ranks, checkpoints,
                                                                  tmp_path) -> None:
     path = str(checkpoints["llama-gqa-tied"])
@@ -165,6 +170,7 @@ def accelerate_launch(version: int) -> list[str]:
             "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
 
 
+@needs_accelerate_fsdp
 @pytest.mark.parametrize("version, launcher, tensor", [
     (2, "accelerate", "model.rotary_emb.inv_freq"),
     (1, "torchrun", "model.layers.1.mlp.up_proj.weight"),
@@ -189,6 +195,7 @@ def test_accelerate_ram_efficient_loading_passes_then_names_a_planted_fault(
     assert clean["environment"]["loading_verdict"].startswith(f"transformers {T.__version__}: ")
 
 
+@needs_accelerate_fsdp
 @pytest.mark.parametrize("version", [2, 1])
 def test_accelerate_example_without_ram_efficient_loading(checkpoints, tmp_path,
                                                           version) -> None:
@@ -206,6 +213,7 @@ def test_accelerate_example_without_ram_efficient_loading(checkpoints, tmp_path,
 
 # --- smpcheck run / compare --strategy accelerate-fsdp ---------------------------------------
 
+@needs_accelerate_fsdp
 def test_compare_measures_accelerate_beside_ours_with_a_chart(tmp_path) -> None:
     out = launch([sys.executable, "-m", "smpcheck", "compare", "--strategies",
                   "accelerate-fsdp,accelerate-fsdp1"], tmp_path, timeout=240)

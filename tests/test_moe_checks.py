@@ -12,6 +12,9 @@ import torch.distributed as dist
 import smpcheck
 from smpcheck.pieces import iter_pieces
 from tests.models import MOE_FAMILIES, write_checkpoint
+from tests.releases import needs_transformers_5
+
+pytestmark = needs_transformers_5
 
 EXPERTS = ".mlp.experts.gate_up_proj"
 

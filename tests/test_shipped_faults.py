@@ -11,6 +11,7 @@ import transformers as T
 
 import smpcheck
 from tests.models import _LLAMA_LIKE, FAMILIES, MIXTRAL, write_checkpoint
+from tests.releases import needs_tp_plan
 
 PHI3 = (T.Phi3Config, {**_LLAMA_LIKE, "pad_token_id": 0})
 TP_FAMILIES = {
@@ -42,6 +43,7 @@ def transformers_tp(path: str) -> dict:
     return {"sharded": sharded, **statuses(smpcheck.verify(model, checkpoint=path))}
 
 
+@needs_tp_plan
 @pytest.mark.parametrize("family", sorted(TP_FAMILIES))
 def test_transformers_own_tp_plan_passes_for_every_family(ranks, tp_checkpoints, family) -> None:
     out = ranks(transformers_tp, 2, args=(str(tp_checkpoints[family]),))[0]
@@ -85,21 +87,27 @@ def drifted(path: str, field: str, value, on_rank: int | None) -> dict:
             for r in report.results}
 
 
+# Where the rotary base lives: transformers 5 nests it in rope_parameters, 4.x keeps rope_theta.
+ROPE_THETA = ("rope_parameters.rope_theta" if hasattr(T.LlamaConfig(), "rope_parameters")
+              else "rope_theta")
+
+
 @pytest.fixture(scope="module")
 def rope_checkpoint(tmp_path_factory):
     cls, kwargs = FAMILIES["llama-gqa-untied"]
-    config = cls(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    rope = ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+            if "." in ROPE_THETA else {"rope_theta": 500000.0})
+    config = cls(**kwargs, **rope)
     return write_checkpoint(config, tmp_path_factory.mktemp("rope") / "llama")
 
 
 def test_config_drift_in_a_rotary_field_names_the_field_and_the_buffer(
         ranks, rope_checkpoint) -> None:
-    out = ranks(drifted, 2, args=(str(rope_checkpoint), "rope_parameters.rope_theta", 10000.0,
-                                  None))[0]
+    out = ranks(drifted, 2, args=(str(rope_checkpoint), ROPE_THETA, 10000.0, None))[0]
     assert out["initialised"][0] == "pass", "recomputed from the same wrong config: blind"
     status, findings = out["config_parity"]
     assert status == "fail"
-    assert ("config.rope_parameters.rope_theta", [0, 1]) in findings
+    assert (f"config.{ROPE_THETA}", [0, 1]) in findings
     assert ("model.rotary_emb.inv_freq", [0, 1]) in findings
 
 

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from reference_impl import DelayedParamIniter, apply_fsdp1, load_on_rank0
 from reference_impl.streaming import load_streaming
 from tests.models import MOE_FAMILIES, write_checkpoint
+from tests.releases import needs_transformers_5
 from tests.test_cli import run_cli
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -50,6 +51,7 @@ def streamed_against_from_pretrained(path: str, tp: int) -> dict:
             "fused": sum(n.endswith(EXPERTS) for n in loaded)}
 
 
+@needs_transformers_5
 @pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
 def test_fsdp2_streaming_equals_from_pretrained(ranks, moe, family) -> None:
     results = ranks(streamed_against_from_pretrained, 2, args=(str(moe[family]), 1))
@@ -62,6 +64,7 @@ def test_fsdp2_streaming_equals_from_pretrained(ranks, moe, family) -> None:
     assert rows == [-(-experts // 2), experts - -(-experts // 2)]
 
 
+@needs_transformers_5
 def test_mixtral_tp2_on_four_ranks_streams_exactly(ranks, moe) -> None:
     results = ranks(streamed_against_from_pretrained, 4, args=(str(moe["mixtral"]), 2))
     for res in results:

@@ -62,7 +62,7 @@ def tp_run(path: str, tp: int, fsdp: str | None, steps: int = 3) -> dict:
     expected = {n: t.detach().clone() for n, t in named_tensors(dense)}
     coord = mesh["tp"].get_local_rank()
     bad_shards, sharded = shard_mismatches(model, expected, coord, tp)
-    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     if fsdp == "fsdp1":
         model = apply_fsdp1(model, device="cpu", device_mesh=mesh["dp"])
     elif fsdp == "fsdp2":

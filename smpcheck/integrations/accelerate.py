@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from smpcheck.checkpoint import Checkpoint
+from smpcheck.compat import fsdp_version_of
 from smpcheck.integrations.loading import RankLoading, loading_verdict, probe_loading
 from smpcheck.integrations.outcome import (
     check_on_failure,
@@ -97,7 +98,7 @@ def plugin_facts(accelerator: Any) -> dict[str, Any]:
     plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
     if plugin is None:
         return {}
-    return {"fsdp_version": int(plugin.fsdp_version),
+    return {"fsdp_version": fsdp_version_of(plugin),
             "cpu_ram_efficient_loading": bool(plugin.cpu_ram_efficient_loading)}
 
 

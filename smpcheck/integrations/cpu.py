@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from smpcheck.compat import accelerate_fsdp_unavailable
+
 _PATCHED = "_smpcheck_cpu_fsdp"
 
 
@@ -33,7 +35,13 @@ def enable_fsdp_on_cpu() -> None:
 
     Call it once, before ``Accelerator(...)`` or ``Trainer(...)``; calling it again does
     nothing. It is for CPU runs (CI, laptops): on a GPU machine it changes nothing.
+
+    Raises:
+        RuntimeError: the installed accelerate predates the plugin these patches know.
     """
+    reason = accelerate_fsdp_unavailable()
+    if reason:
+        raise RuntimeError(f"enable_fsdp_on_cpu: {reason}")
     from accelerate.state import AcceleratorState
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import _init_utils

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from smpcheck.compat import accelerate_fsdp_unavailable
 from smpcheck.integrations.accelerate import MEMORY_ROWS, gather_loading
 from smpcheck.integrations.loading import probe_loading
 from smpcheck.phases import LOAD, WRAP
@@ -32,6 +33,9 @@ class _AccelerateFSDP(StrategyBase):
     def __init__(self) -> None:
         super().__init__()
         self.environment: dict[str, Any] = {}
+
+    def unavailable(self) -> str | None:
+        return accelerate_fsdp_unavailable()
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         from transformers import AutoModelForCausalLM

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from smpcheck.compat import dtype_kwarg
 from smpcheck.source import ModelSource
 from smpcheck.strategies.finetune import LoraSpec
 
@@ -104,7 +105,8 @@ def device_of(opts: RunOptions) -> torch.device:
 
 def load_kwargs(opts: RunOptions) -> dict:
     """``from_pretrained`` keywords every strategy passes: the dtype and config overrides."""
-    return {**opts.config_overrides, **({"dtype": opts.dtype} if opts.dtype is not None else {})}
+    dtype = {dtype_kwarg(): opts.dtype} if opts.dtype is not None else {}
+    return {**opts.config_overrides, **dtype}
 
 
 def with_adapters(model: nn.Module, opts: RunOptions, rank: int) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from smpcheck.compat import tp_plan_unavailable
 from smpcheck.phases import LOAD, TRANSFORM, WRAP
 from smpcheck.strategies.base import (
     RunOptions,
@@ -23,6 +24,9 @@ class TransformersTPPlan(StrategyBase):
     tp_over_world = True
     adapters_under_tp = True  # PEFT shards LoRA along transformers' plan
     whole_model_on_rank0 = False
+
+    def unavailable(self) -> str | None:
+        return tp_plan_unavailable()
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         import torch

@@ -188,4 +188,6 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple) -> dict[int,
                           run_id=uuid.uuid4().hex[:8], max_restarts=0, monitor_interval=0.1,
                           start_method="spawn")
     os.environ["SMPCHECK_SELF_LAUNCHED"] = "1"
+    if nproc > 1:  # as torchrun does: N ranks with a thread per core each oversubscribe
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     return elastic_launch(config, entry)(*args)

@@ -10,6 +10,7 @@ from reference_impl.loading import (
     LoadSpec,
     build_meta_model,
     load_on_rank0,
+    resize_vocabulary,
     split_from_pretrained_kwargs,
 )
 from reference_impl.tp_plans import TPConfigError
@@ -27,6 +28,7 @@ __all__ = [
     "build_mesh",
     "build_meta_model",
     "load_on_rank0",
+    "resize_vocabulary",
     "split_from_pretrained_kwargs",
     "transform",
 ]

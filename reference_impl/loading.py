@@ -245,3 +245,19 @@ def load_on_rank0(
             **spec.download_kwargs, **spec.loading_kwargs)
         return model.eval()
     return build_meta_model(spec.config, spec.dtype, spec.model_class, **spec.init_kwargs)
+
+
+def resize_vocabulary(model: PreTrainedModel, new_size: int, **kwargs: Any) -> PreTrainedModel:
+    """``model.resize_token_embeddings(new_size, **kwargs)`` on every rank of the recipe.
+
+    Rank 0 resizes its loaded model as transformers does (the added rows drawn from the old
+    rows' mean and covariance by default). A meta model cannot compute that covariance, and
+    need not: its rows are placeholders until rank 0's values are broadcast, so it resizes
+    with ``mean_resizing=False``. Both end with the same shapes and ``config.vocab_size``,
+    which is all FSDP's broadcast needs.
+    """
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta:
+        kwargs["mean_resizing"] = False
+    model.resize_token_embeddings(new_size, **kwargs)
+    return model

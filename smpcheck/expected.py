@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ from smpcheck.pieces import Piece, splits
 from smpcheck.selection import Box
 from smpcheck.skeleton import buffers_of, model_class, skeleton
 from smpcheck.tensors import describe_diff, tie_groups
+from smpcheck.vocab import VocabResize, kept_mask, kept_rows_reader, vocab_resize
 
 CHECKPOINT = "checkpoint"
 FUSED = "fused"
@@ -58,6 +60,7 @@ class Source:
     kind: str
     keys: tuple[str, ...] = ()
     note: str = ""
+    rows: int | None = None  # a resized vocabulary: only rows [0:rows) are the file's
 
     def words(self) -> str:
         keys = f" {self.keys[0]!r}" if len(self.keys) == 1 else (
@@ -108,18 +111,33 @@ class Expectations:
         return {name: [n for n, _, _ in g if n != name] for g in groups for name, _, _ in g}
 
     @cached_property
+    def _saved_config(self) -> dict[str, Any]:
+        """The checkpoint's ``config.json`` ({} when there is none or it does not parse)."""
+        if self.checkpoint is None:
+            return {}
+        try:
+            folder = self.checkpoint.path
+            folder = folder if folder.is_dir() else folder.parent  # one .safetensors file
+            saved = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    @cached_property
     def head_is_new(self) -> bool:
         """The checkpoint was saved from another architecture (a causal LM loaded as a
         classifier): tensors outside the base model are expected fresh, not missing."""
-        if self.checkpoint is None:
-            return False
-        config = self.checkpoint.path / "config.json"
-        try:
-            saved = json.loads(config.read_text()).get("architectures") or []
-        except (OSError, ValueError):
-            return False
+        saved = self._saved_config.get("architectures") or []
         cls = model_class(self.view.base)
         return bool(saved) and cls is not None and cls.__name__ not in saved
+
+    @cached_property
+    def resize(self) -> VocabResize | None:
+        """The vocabulary resize between ``config.json`` and the running config, if any."""
+        config = getattr(self.view.base, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            return None
+        return vocab_resize(self._saved_config, config.to_dict())
 
     def _outside_base_model(self, base_name: str) -> bool:
         prefix = self.base_prefix.rstrip(".")
@@ -148,6 +166,8 @@ class Expectations:
         key = self.key_for(base_name)
         if self.checkpoint is not None and key is not None:
             stored = tuple(self.checkpoint.shape(key))
+            if self.resize is not None and self.resize.covers(stored, piece.full_shape):
+                return Source(CHECKPOINT, (key,), self.resize.words(), self.resize.kept)
             if stored != piece.full_shape and self._outside_base_model(base_name):
                 return Source(FRESH, note=f"re-initialised head (checkpoint's is {stored})")
             return Source(CHECKPOINT, (key,))
@@ -182,17 +202,23 @@ class Expectations:
         if piece.data.is_meta:
             return Comparison(piece.name, piece.where(), source, False, sharded,
                               want="values", seen="meta", detail="on the meta device")
+        data = piece.data
+        if source.rows is not None:  # a resized vocabulary: the file's rows only
+            read = kept_rows_reader(read, source.rows)
         expected = piece.selection.assemble(read)
+        if source.rows is not None and expected.shape == data.shape:
+            kept = kept_mask(piece.selection, source.rows).to(data.device)
+            data, expected = data[kept], expected[kept.to(expected.device)]
         cast = ""
-        if expected.dtype != piece.data.dtype:
-            cast = f"{_dtype(expected.dtype)} -> {_dtype(piece.data.dtype)}"
-            expected = expected.to(piece.data.dtype)
-        expected = expected.to(piece.data.device)
-        equal = expected.shape == piece.data.shape and torch.equal(piece.data, expected)
+        if expected.dtype != data.dtype:
+            cast = f"{_dtype(expected.dtype)} -> {_dtype(data.dtype)}"
+            expected = expected.to(data.dtype)
+        expected = expected.to(data.device)
+        equal = expected.shape == data.shape and torch.equal(data, expected)
         out = Comparison(piece.name, piece.where(), source, equal, sharded, cast)
         if not equal:
-            out.want, out.seen, out.detail = describe_diff(piece.data, expected)
-            if sharded:
+            out.want, out.seen, out.detail = describe_diff(data, expected)
+            if sharded and source.rows is None:
                 out.diagnosis = diagnose_shard(piece, read(None).to(piece.data.dtype))
         return out
 

@@ -90,6 +90,15 @@ def differences(want: dict[str, Any], seen: dict[str, Any]) -> list[tuple[str, A
             for f in sorted(set(want) | set(seen)) if want.get(f, absent) != seen.get(f, absent)]
 
 
+def _resized(ctx: CheckContext) -> bool:
+    """Whether the model's tensors were resized as the config's vocabulary was: then the
+    config's new size is the user's, not a drift."""
+    if ctx.checkpoint is None or ctx.expectations.resize is None:
+        return False
+    sources, _ = ctx.one_pass
+    return any(source.rows is not None for _, source in sources)
+
+
 def _param_dtype(model: torch.nn.Module) -> str:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return str(dtype).removeprefix("torch.") if dtype is not None else ""
@@ -120,6 +129,14 @@ class ConfigParity:
         for field, want, seen in differences(saved, running):
             severity = classify(field, generic)
             if severity is None or (field in ("dtype", "torch_dtype") and seen == dtype):
+                continue
+            if field.split(".")[-1] == "vocab_size" and _resized(ctx):
+                findings.append(Finding(
+                    f"config.{field}", [ctx.rank], "the vocabulary was resized and the embeddings "
+                    f"follow: {ctx.expectations.resize.words()} are compared with the "
+                    "checkpoint, "
+                    "the added rows are judged by initialised and rank_parity",
+                    json.dumps(want), json.dumps(seen), severity="warning"))
                 continue
             findings.append(Finding(
                 f"config.{field}", [ctx.rank],

@@ -2,9 +2,11 @@
 localhost), each in its own UTS namespace with its own host name (``unshare --uts``, root
 only), each reading its own copy of the checkpoint, as nodes with local disks do.
 
-Runs ``smpcheck run`` twice: with both copies equal (every check passes; the report shows
-each rank's host and the bytes it read), and with node-b's copy stale (the same architecture,
-older values): the checkpoint check names node-b's ranks and host, whichever rank loaded.
+For each strategy (the SMP recipe, every rank loading its own copy, and accelerate's FSDP
+plugin with ``cpu_ram_efficient_loading``, transformers' own rank-0 loading) it runs
+``smpcheck run`` twice: with both copies equal (every check passes; the report shows each
+rank's host and the bytes it read), and with node-b's copy stale (the same architecture, older
+values): the checkpoint check names node-b's ranks and host, whichever rank loaded.
 
     python benchmarks/two_nodes.py --out benchmarks/results/two-nodes
 """
@@ -12,8 +14,11 @@ older values): the checkpoint check names node-b's ranks and host, whichever ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,12 +47,18 @@ def run_two_nodes(copies: dict[str, Path], strategy: str, out: Path, per_node: i
         command = (f"hostname {host}; exec {sys.executable} -m torch.distributed.run "
                    f"--nnodes 2 --nproc-per-node {per_node} --node-rank {node_rank} "
                    f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id two-nodes "
+                   f"--local-addr 127.0.0.1 "  # the made-up host names do not resolve
                    f"-m smpcheck run {copies[host]} --strategy {strategy} "
                    f"--report-dir {report_dir}")
         log = (out / f"{strategy}-{host}.log").open("w")
         procs[host] = subprocess.Popen(["unshare", "--uts", "sh", "-c", command], stdout=log,
-                                       stderr=subprocess.STDOUT)
-    codes = {host: proc.wait(timeout=600) for host, proc in procs.items()}
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        codes = {host: proc.wait(timeout=300) for host, proc in procs.items()}
+    finally:
+        for proc in procs.values():  # a node whose peer failed keeps waiting on the rendezvous
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     reports = [p for host in NODES for p in (out / host).glob("smpcheck-*.json")]
     report = json.loads(reports[0].read_text()) if reports else {}
     return {"exit_codes": codes, "report": report}
@@ -71,6 +82,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/two-nodes"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/smpcheck-two-nodes"))
     parser.add_argument("--per-node", type=int, default=2)
+    parser.add_argument("--strategies", default="smp,naive,accelerate-fsdp",
+                        help="accelerate-fsdp is transformers' own rank-0 loading")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cls, kwargs = FAMILIES["llama-gqa-untied"]
@@ -78,7 +91,7 @@ def main() -> None:
     stale = write_checkpoint(cls(**kwargs), args.workdir / "stale", seed=1)
     results = {}
     for case, node_b in (("same copies", fresh), ("stale copy on node-b", stale)):
-        for strategy in ("smp", "naive"):
+        for strategy in args.strategies.split(","):
             outcome = run_two_nodes({"node-a": fresh, "node-b": node_b}, strategy, args.out,
                                     args.per_node)
             results[f"{case}, {strategy}"] = summary(outcome)

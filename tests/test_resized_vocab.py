@@ -85,7 +85,7 @@ def verdicts(model, path: str) -> dict:
     report = smpcheck.verify(model, checkpoint=path)
     return {r.name: (r.status.value, sorted({f.tensor for f in r.errors}),
                      sorted({f.tensor for f in r.findings if f.severity == "warning"}))
-            for r in report.results}
+            for r in report.results} | {"sources": report.expected.get("sources", {})}
 
 
 def planted(model, path: str, row: int, fill) -> dict:
@@ -116,7 +116,7 @@ def every_case(path: str, layout: str) -> dict:
 
 
 def failed(verdict: dict) -> dict:
-    return {n: v for n, v in verdict.items() if v[0] in ("fail", "error")}
+    return {n: v for n, v in verdict.items() if n != "sources" and v[0] in ("fail", "error")}
 
 
 @pytest.mark.parametrize("layout", ["replicas", "fsdp1", "fsdp2"])
@@ -125,6 +125,9 @@ def test_resized_vocabulary_passes_clean_and_names_faults_in_kept_and_added_rows
     out = ranks(every_case, 2, args=(str(causal_lm), layout))[0]
     assert not failed(out["clean"]), out["clean"]
     assert out["clean"]["config_parity"][2] == ["config.vocab_size"], out["clean"]
+    for group in ("model.embed_tokens.weight", "lm_head.weight"):  # the report says which rows
+        assert out["clean"]["sources"][group] == [
+            f"checkpoint rows [0:{OLD}), rows added by a resize judged by initialised"], group
     assert failed(out["kept"]) == {"checkpoint_parity": (
         "fail", ["model.embed_tokens.weight"], [])}, out["kept"]
     bad = failed(out["added"])

@@ -50,7 +50,9 @@ def source_groups(sources: list[tuple[Any, Any]]) -> dict[str, list[str]]:
     groups: dict[str, Counter] = {}
     for piece, source in sources:
         group = _LAYER_INDEX.sub(".*.", piece.name)
-        groups.setdefault(group, Counter())[source.kind] += 1
+        kind = source.kind if source.rows is None else (
+            f"{source.kind} rows [0:{source.rows}), rows added by a resize judged by initialised")
+        groups.setdefault(group, Counter())[kind] += 1
     return {g: sorted(kinds) for g, kinds in groups.items()}
 
 

@@ -134,8 +134,7 @@ class ConfigParity:
                 findings.append(Finding(
                     f"config.{field}", [ctx.rank], "the vocabulary was resized and the embeddings "
                     f"follow: {ctx.expectations.resize.words()} are compared with the "
-                    "checkpoint, "
-                    "the added rows are judged by initialised and rank_parity",
+                    "checkpoint, the added rows are judged by initialised and rank_parity",
                     json.dumps(want), json.dumps(seen), severity="warning"))
                 continue
             findings.append(Finding(

@@ -155,6 +155,46 @@ def test_callback_judges_a_tp_plan_model_and_names_a_broken_tie(ranks, checkpoin
     assert "lm_head.weight" in broken[0]["error"], broken[0]["error"]
 
 
+def callback_on_trained_adapter(path: str, adapter: str, out: str, given: bool) -> dict:
+    """A PEFT model loaded from a trained adapter (``lora_B`` no longer zero), handed to the
+    callback's event on plain replicas, with and without the adapter's directory."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(path), adapter,
+                                      is_trainable=True)
+    callback = SmpcheckCallback(report_dir=out, adapter=adapter if given else None,
+                                on_failure="warn")
+    callback.on_train_begin(SimpleNamespace(output_dir=out), SimpleNamespace(global_step=0),
+                            None, model=model)
+    report = callback.report
+    return {"failed": {r.name: sorted({f.tensor.split(".lora_")[-1] for f in r.errors})
+                       for r in report.results if r.errors},
+            "hints": sorted({f.hint for r in report.results for f in r.errors}),
+            "sources": sorted({k for kinds in report.expected["sources"].values() for k in kinds})}
+
+
+def test_callback_compares_a_trained_adapter_with_its_file(ranks, checkpoints, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    path = str(checkpoints["llama-gqa-untied"])
+    trained = get_peft_model(T.AutoModelForCausalLM.from_pretrained(path),
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:  # what training leaves: the adapter no longer at identity
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2))
+                            * 0.02)
+    trained.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    given = ranks(callback_on_trained_adapter, 2, args=(path, adapter, str(tmp_path), True))[0]
+    assert given["failed"] == {} and "adapter file" in given["sources"], given
+    unsaid = ranks(callback_on_trained_adapter, 2, args=(path, adapter, str(tmp_path), False))[0]
+    assert unsaid["failed"] == {"fresh_init": ["B.default.weight"]}, unsaid
+    assert any("adapter=" in hint for hint in unsaid["hints"]), unsaid["hints"]
+
+
 # --- accelerate's FSDP plugin ----------------------------------------------------------------
 
 def accelerate_launch(version: int) -> list[str]:

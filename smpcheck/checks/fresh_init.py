@@ -25,8 +25,9 @@ from smpcheck.report.model import CheckResult, Finding
 
 HINT = ("this fresh tensor does not look like its init rule's draw: it was never initialised "
         "(to_empty/meta memory) or got another rule; initialise it on rank 0 before the "
-        "broadcast (param_init_fn / DelayedParamIniter), or load it from its adapter file "
-        "(verify(adapter=DIR))")
+        "broadcast (param_init_fn / DelayedParamIniter); if it was loaded from a trained "
+        "adapter, name that directory so it is compared with the file instead (verify(adapter="
+        "DIR), SmpcheckCallback(adapter=DIR), smpcheck run --peft DIR)")
 UNKNOWN = InitRule("unknown", source="no init function found for it",
                    reason="no replayable init")
 

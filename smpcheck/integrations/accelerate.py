@@ -131,7 +131,8 @@ def verify_prepared(model: nn.Module, accelerator: Any = None, *,
                     checkpoint: str | os.PathLike | None = None,
                     checks: Iterable[str] | None = None, loading: LoadingMonitor | None = None,
                     report_dir: str | os.PathLike = "reports", stem: str = "smpcheck-accelerate",
-                    on_failure: str = "raise") -> Report:
+                    on_failure: str = "raise", adapter: str | os.PathLike | None = None,
+                    config_overrides: dict[str, Any] | None = None) -> Report:
     """Verify the model ``accelerator.prepare`` returned, on every rank, and write reports.
 
     Args:
@@ -146,6 +147,8 @@ def verify_prepared(model: nn.Module, accelerator: Any = None, *,
         report_dir, stem: rank 0 writes ``stem.{html,json,junit.xml}`` there.
         on_failure: ``"raise"`` (:class:`SmpcheckFailed`, the same sentence on every rank)
             or ``"warn"``.
+        adapter, config_overrides: as for :func:`smpcheck.verify` (a trained PEFT adapter's
+            directory; config fields set on purpose at load).
 
     Returns:
         The report (its results are the same on every rank).
@@ -165,6 +168,7 @@ def verify_prepared(model: nn.Module, accelerator: Any = None, *,
         if checkpoint:
             memory = (loading.record, loading_bound(loading, checkpoint, row))
     report, seconds = timed_verify(model, checkpoint=checkpoint, checks=checks, memory=memory,
+                                   adapter=adapter, config_overrides=config_overrides,
                                    environment_extra=extra)
     report.environment["verify_s"] = round(seconds, 3)
     return conclude(report, report_dir=report_dir, stem=stem, on_failure=on_failure,

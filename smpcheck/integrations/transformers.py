@@ -53,6 +53,11 @@ class SmpcheckCallback(TrainerCallback):
         enabled: False makes every event a no-op (no collective, no file). Default: on,
             unless the environment sets ``SMPCHECK_DISABLE=1``, so a launch script can switch
             it off without editing the training script.
+        adapter: the PEFT adapter directory a trained adapter was loaded from
+            (``PeftModel.from_pretrained``): its tensors are compared with that file instead
+            of being judged as a fresh init (PEFT does not record where it loaded them from).
+        config_overrides: config fields set on purpose at load (``num_labels=3``), as for
+            :func:`smpcheck.verify`.
 
     It verifies once per callback (a second ``train()`` would judge trained weights against the
     checkpoint). After training starts, ``callback.report`` holds the report; its results are
@@ -62,8 +67,10 @@ class SmpcheckCallback(TrainerCallback):
     def __init__(self, checkpoint: str | os.PathLike | None = None,
                  checks: Iterable[str] | None = None, on_failure: str = "raise",
                  report_dir: str | os.PathLike | None = None, enabled: bool | None = None,
-                 stem: str = "smpcheck-trainer") -> None:
+                 stem: str = "smpcheck-trainer", adapter: str | os.PathLike | None = None,
+                 config_overrides: dict[str, Any] | None = None) -> None:
         self.checkpoint = checkpoint
+        self.adapter, self.config_overrides = adapter, config_overrides
         self.checks = list(checks) if checks is not None else None
         self.on_failure = check_on_failure(on_failure)
         self.report_dir = report_dir
@@ -85,6 +92,8 @@ class SmpcheckCallback(TrainerCallback):
         checkpoint, source = self._checkpoint_for(model, resumed=state.global_step > 0)
         held = wrapping(model)
         report, seconds = timed_verify(model, checkpoint=checkpoint, checks=self.checks,
+                                       adapter=self.adapter,
+                                       config_overrides=self.config_overrides,
                                        environment_extra={
                                            "integration": "transformers.Trainer",
                                            "strategy": f"trainer-{held['wrapper']}",

@@ -92,6 +92,8 @@ def test_trained_adapter_dir_with_fsdp2(tmp_path, ckpt) -> None:
                                                      "for config type LlamaConfig"),
     (["--config", "num_lables=3"], "--config num_lables: not an attribute of LlamaConfig"),
     (["--peft", "."], "--peft .: no adapter_config.json there"),
+    (["--config", "intermediate_size=-1"], "intermediate_size=-1: transformers cannot build "
+                                           "LlamaForCausalLM with this config (RuntimeError"),
 ])
 def test_unsupported_or_wrong_setup_exits_2_with_one_sentence(tmp_path, ckpt, args, sentence,
                                                               monkeypatch, capsys) -> None:

@@ -169,8 +169,15 @@ def fine_tuning_options(path: Path, strategy: Any, tp: int, *, model_class: str 
         unknown = ", ".join(sorted(load.loading_kwargs))
         raise UsageError(f"--config {unknown}: not an attribute of {type(load.config).__name__}; "
                          "--config sets config attributes only (num_labels, id2label, ...)")
+    try:  # as every rank but 0 will build it: a config the model's own code rejects is input
+        meta = build_meta_model(load.config, load.dtype, load.model_class)
+    except Exception as exc:  # noqa: BLE001 - any error the model's constructor raises
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"{_flags(model_class, overrides)}: transformers cannot build "
+                         f"{load.model_class.__name__} with this config ({type(exc).__name__}: "
+                         f"{first}); check the overridden values") from exc
     if spec is not None:
-        check_targets(build_meta_model(load.config, load.dtype, load.model_class), spec)
+        check_targets(meta, spec)
     return fields
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -175,7 +175,8 @@ def diverged_ranks(path: str) -> dict:
 
 def test_ranks_that_diverged_are_named(ranks, checkpoints) -> None:
     out = ranks(diverged_ranks, 4, args=(str(checkpoints["mistral"]),))[0]
-    assert out["status"] == "fail" and out["ranks"] == {1, 2, 3}
+    # Four seeds, four values, no checkpoint to settle it: every rank is named, rank 0 too.
+    assert out["status"] == "fail" and out["ranks"] == {0, 1, 2, 3}
     assert out["n"] >= 10, out
 
 
@@ -250,6 +251,9 @@ corruptions = st.sampled_from(["bitflip", "epsilon", "permute_rows", "garbage", 
     which=st.integers(0, 10_000),
     bad_rank=st.integers(0, 1),
 )
+# Found by CI: a replicated TP-run norm weight flipped on rank 0 while rank 1 made the file
+# comparison for that replica group; rank parity then blamed rank 1 (the lowest-rank rule).
+@example(setup="tp", how="bitflip", which=9603, bad_rank=0)
 def test_hypothesis_random_faults_are_all_found(
     ranks, checkpoints, setup, how, which, bad_rank
 ) -> None:

@@ -275,3 +275,24 @@ def test_comparison_rows_count_the_strategy_not_smpchecks_own_phase() -> None:
     rows = {r["strategy"]: r for r in compare({"naive": naive, "streaming": ours})["rows"]}
     assert rows["naive"]["node_total"] == 400 * MIB  # its check phase is not counted
     assert rows["streaming"]["node_total_x_naive"] == pytest.approx(90 / 400)
+
+
+# -- rank parity: who is blamed when replicas disagree -----------------------------------------
+def test_a_replica_that_equals_the_file_settles_who_is_wrong_even_against_rank_0() -> None:
+    from smpcheck.checks.rank_parity import disagreement
+
+    members = [(0, "whole tensor", "bad", None), (1, "whole tensor", "good", True)]
+    assert disagreement("w", members).ranks == [0]
+    members = [(0, "whole tensor", "bad", False), (1, "whole tensor", "good", None),
+               (2, "whole tensor", "bad", None)]
+    assert disagreement("w", members).ranks == [0, 2]
+
+
+def test_without_a_file_verdict_the_majority_decides_and_a_tie_names_every_rank() -> None:
+    from smpcheck.checks.rank_parity import disagreement
+
+    majority = [(r, "whole tensor", "bad" if r == 0 else "good", None) for r in range(3)]
+    assert disagreement("w", majority).ranks == [0]
+    tie = [(0, "whole tensor", "a", None), (1, "whole tensor", "b", None)]
+    finding = disagreement("w", tie)
+    assert finding.ranks == [0, 1] and "nothing tells which is right" in finding.problem

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smpcheck  # noqa: E402
 from smpcheck.pieces import iter_pieces  # noqa: E402
+from tests.faults import while_planted  # noqa: E402
 from tests.models import FAMILIES, MIXTRAL, write_checkpoint  # noqa: E402
 
 
@@ -36,15 +37,7 @@ def verdicts(model, path: Path) -> dict:
 
 def planted(model, path: Path, pattern: str, fill) -> dict:
     pieces = [p for p in iter_pieces(model) if pattern in p.name and p.is_param]
-    saved = [p.data.clone() for p in pieces]
-    with torch.no_grad():
-        for piece in pieces:
-            fill(piece.data)
-    out = verdicts(model, path)
-    with torch.no_grad():
-        for piece, data in zip(pieces, saved):
-            piece.data.copy_(data)
-    return out
+    return while_planted(pieces, fill, lambda: verdicts(model, path))
 
 
 def wrap(model, device: str):

@@ -8,6 +8,9 @@ tensor and the rank, and stay quiet without one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,6 +27,7 @@ from smpcheck.pieces import iter_pieces
 from smpcheck.tensors import clean_name
 
 SETUPS = ("fsdp1", "fsdp1-flat", "fsdp2", "tp", "tp-fsdp2")
+T = TypeVar("T")
 
 
 def build(path: str, setup: str) -> tuple[nn.Module, nn.Module | None]:
@@ -81,3 +85,19 @@ def set_tied_param(model: nn.Module, name: str, value: nn.Parameter) -> None:
     owner, _, attr = name.rpartition(".")
     module = dict((clean_name(n), m) for n, m in model.named_modules())[owner]
     module._parameters[attr] = value
+
+
+def while_planted(pieces: list, fill: Callable[[torch.Tensor], object],
+                  judge: Callable[[], T]) -> T:
+    """``judge()`` with ``fill`` applied in place to each piece's data, which is restored
+    afterwards: one built model serves a clean run and several planted faults."""
+    saved = [p.data.clone() for p in pieces]
+    with torch.no_grad():
+        for piece in pieces:
+            fill(piece.data)
+    try:
+        return judge()
+    finally:
+        with torch.no_grad():
+            for piece, data in zip(pieces, saved):
+                piece.data.copy_(data)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import smpcheck
 from smpcheck.pieces import iter_pieces
 from smpcheck.tensors import clean_name
+from tests.faults import while_planted
 from tests.models import FAMILIES, write_checkpoint
 from tests.test_finetune_recipe import SETUPS, build
 
@@ -53,15 +54,7 @@ def fresh_pieces(model, pattern: str) -> list:
 
 
 def with_planted(model, pieces: list, fill, path: str) -> dict:
-    saved = [p.data.clone() for p in pieces]
-    with torch.no_grad():
-        for piece in pieces:
-            fill(piece.data)
-    out = verdicts(model, path)
-    with torch.no_grad():
-        for piece, data in zip(pieces, saved):
-            piece.data.copy_(data)
-    return out
+    return while_planted(pieces, fill, lambda: verdicts(model, path))
 
 
 def tiny(data: torch.Tensor) -> None:  # uninitialised memory: finite, tiny, the same everywhere

@@ -24,7 +24,7 @@ HINT = (
 )
 
 
-Entry = tuple[tuple, str, str, "bool | None"]  # replica key, where, digest, equals the file?
+Entry = tuple[tuple, str, str, bool | None]  # replica key, where, digest, equals the file?
 
 
 class RankParity:

@@ -24,6 +24,7 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from transformers import AutoModelForCausalLM
 
 from smpcheck.integrations.accelerate import LoadingMonitor, verify_prepared
+from smpcheck.integrations.shutdown import close_process_groups
 
 
 def make_accelerator(*, fsdp_version: int, cpu_ram_efficient_loading: bool,
@@ -79,12 +80,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse(argv)
-    if args.cpu:  # accelerate drops the FSDP plugin on CPU unless told otherwise
-        from smpcheck.integrations.cpu import enable_fsdp_on_cpu
-
-        enable_fsdp_on_cpu()
+def run(args: argparse.Namespace) -> None:
     accelerator = make_accelerator(fsdp_version=args.fsdp_version, cpu=args.cpu,
                                    cpu_ram_efficient_loading=args.cpu_ram_efficient_loading)
     with LoadingMonitor() as loading:
@@ -96,7 +92,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     loss = train(model, optimizer, accelerator, args.steps)
     if accelerator.is_main_process:
         print(f"[example] trained {args.steps} steps, loss {loss:.3f}", flush=True)
-    accelerator.end_training()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(argv)
+    if args.cpu:  # accelerate drops the FSDP plugin on CPU unless told otherwise
+        from smpcheck.integrations.cpu import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu()
+    run(args)
+    close_process_groups()  # the model is gone: free FSDP's groups before Python exits
 
 
 if __name__ == "__main__":

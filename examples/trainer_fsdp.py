@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+from smpcheck.integrations.shutdown import close_process_groups
 from smpcheck.integrations.transformers import SmpcheckCallback
 
 
@@ -64,12 +65,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> None:
-    args = parse(argv)
-    if args.cpu:  # accelerate drops the FSDP plugin on CPU unless told otherwise
-        from smpcheck.integrations.cpu import enable_fsdp_on_cpu
-
-        enable_fsdp_on_cpu()
+def train(args: argparse.Namespace, extra_callbacks: Sequence = ()) -> None:
     trainer = build_trainer(args.model, args.out, fsdp_version=args.fsdp_version, cpu=args.cpu,
                             max_steps=args.max_steps,
                             callbacks=[*extra_callbacks, SmpcheckCallback()])
@@ -77,8 +73,16 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> N
     if trainer.args.process_index == 0:
         print(f"[example] trained {result.global_step} steps, loss {result.training_loss:.3f}",
               flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+
+def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence = ()) -> None:
+    args = parse(argv)
+    if args.cpu:  # accelerate drops the FSDP plugin on CPU unless told otherwise
+        from smpcheck.integrations.cpu import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu()
+    train(args, extra_callbacks)
+    close_process_groups()  # the trainer is gone: free FSDP's groups before Python exits
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from transformers import TrainerCallback  # noqa: E402
 from smpcheck.integrations import SmpcheckFailed  # noqa: E402
 from smpcheck.integrations.accelerate import LoadingMonitor, verify_prepared  # noqa: E402
 from smpcheck.integrations.cpu import enable_fsdp_on_cpu  # noqa: E402
+from smpcheck.integrations.shutdown import close_process_groups  # noqa: E402
 from smpcheck.integrations.transformers import SmpcheckCallback  # noqa: E402
 from smpcheck.pieces import iter_pieces  # noqa: E402
 
@@ -207,5 +208,4 @@ if __name__ == "__main__":
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     result = MODES[mode](ckpt, Path(out_dir), fsdp_version)
     _write(Path(out_dir), mode, result)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_groups()

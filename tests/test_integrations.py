@@ -32,8 +32,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def launch(command: list[str], tmp: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run a launcher as a user would; a rank that aborts prints every thread's stack."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "SMPCHECK_CACHE": str(tmp / "cache"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1",
+           "SMPCHECK_CACHE": str(tmp / "cache"),
            "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "SMPCHECK_DISABLE"):

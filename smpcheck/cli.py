@@ -10,7 +10,6 @@ timed out), 2 on bad usage or input (one sentence, no traceback).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -168,7 +167,6 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
     try:
         return run_job(opts, report_dir, stem)
     finally:
-        gc.collect()  # the job's FSDP state holds groups: free them before the interpreter goes
         dist.destroy_process_group()
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
-import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -152,7 +151,6 @@ def _run_in_group(spec: RankSpec, fn: Callable, args: tuple, kwargs: dict) -> An
     try:
         return fn(*args, **kwargs)
     finally:
-        gc.collect()  # FSDP state holds groups: free them before the interpreter goes
         dist.destroy_process_group()
 
 

@@ -117,6 +117,7 @@ def _rank_main(spec: RankSpec, conn: Connection, fn: Callable, args: tuple, kwar
     os.environ.update(spec.env)
     with open(spec.dump_path, "w") as dump:
         faulthandler.register(_DUMP_SIGNAL, file=dump, all_threads=True)
+        faulthandler.enable(file=dump, all_threads=True)  # a crash leaves its stack there
         try:
             payload = ("ok", _run_in_group(spec, fn, args, kwargs))
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
@@ -175,6 +176,15 @@ def _dump_stacks(procs: Sequence[mp.Process], specs: Sequence[RankSpec], why: st
         text = Path(spec.dump_path).read_text(errors="replace").strip() or "(no stack written)"
         parts.append(f"--- rank {spec.rank} stack ---\n{text}")
     return "\n".join(parts)
+
+
+def _stack_at_death(spec: RankSpec) -> str:
+    """What ``faulthandler`` wrote when the rank crashed, if it could write anything."""
+    try:
+        text = Path(spec.dump_path).read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return f"\n--- rank {spec.rank} stack when it died ---\n{text}" if text else ""
 
 
 def _kill(procs: Sequence[mp.Process]) -> None:
@@ -292,7 +302,8 @@ def _collect(
                     "error",
                     "RankDied",
                     f"rank {rank} exited with code {procs[rank].exitcode or code} "
-                    "before returning a result (killed by a signal or os._exit)",
+                    "before returning a result (killed by a signal or os._exit)"
+                    + _stack_at_death(specs[rank]),
                 )
             if payloads[rank][0] != "ok" and first_failure is None:
                 first_failure = rank

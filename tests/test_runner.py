@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import psutil
@@ -56,6 +57,16 @@ def hard_exit() -> None:
 
     if dist.get_rank() == 1:
         os._exit(3)
+
+
+def crash_in_native_code() -> None:
+    import ctypes
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        ctypes.string_at(0)  # a read at address 0: SIGSEGV, as a native bug would
+    dist.barrier()
 
 
 def my_pid() -> int:
@@ -116,6 +127,14 @@ def test_skip_in_a_rank_skips_the_test(tmp_path) -> None:
 def test_rank_that_dies_without_a_result_is_named(tmp_path) -> None:
     with pytest.raises(RankError, match="rank 1 exited with code 3"):
         run_on_ranks(hard_exit, 2, workdir=tmp_path)
+
+
+def test_rank_that_crashes_leaves_its_stack_in_the_error(tmp_path) -> None:
+    with pytest.raises(RankError) as err:
+        run_on_ranks(crash_in_native_code, 2, workdir=tmp_path, timeout=60)
+    text = str(err.value)
+    assert f"rank 1 exited with code -{int(signal.SIGSEGV)}" in text, text
+    assert "rank 1 stack when it died" in text and "crash_in_native_code" in text, text
 
 
 def test_fixture_from_plugin(ranks) -> None:

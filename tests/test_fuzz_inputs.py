@@ -37,7 +37,7 @@ from tests.test_cli import one_sentence, run_cli
 DEEP = os.environ.get("SMPCHECK_FUZZ") == "deep"
 settings.register_profile("smpcheck-fuzz-ci", max_examples=5, derandomize=True, database=None,
                           deadline=None, suppress_health_check=list(HealthCheck))
-settings.register_profile("smpcheck-fuzz-deep", max_examples=60, deadline=None,
+settings.register_profile("smpcheck-fuzz-deep", max_examples=60, deadline=None, derandomize=False,
                           suppress_health_check=list(HealthCheck))
 PROFILE = settings.get_profile("smpcheck-fuzz-deep" if DEEP else "smpcheck-fuzz-ci")
 PARENT_S = 60  # a corruption the parent catches ends this fast, even on a busy machine

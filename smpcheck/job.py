@@ -31,7 +31,7 @@ from smpcheck.failures import (
     failure_results,
     tensor_problems,
 )
-from smpcheck.memory import MemoryMonitor, memory_bound
+from smpcheck.memory import MemoryMonitor, memory_bound, warm_up
 from smpcheck.phases import CHECK, FORWARD, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
 from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
@@ -113,18 +113,6 @@ def say(message: str) -> None:
         print(f"[smpcheck] {message}", flush=True)
 
 
-def _warm_up(cuda: bool) -> None:
-    """Initialise what every run pays for before the baseline is taken: the CUDA context and
-    cuBLAS (about 0.5 GiB of host memory on an H200 node) and the communicator's buffers.
-    The bound is about the model; this is not."""
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    probe = torch.ones(64, 64, device=device)
-    probe = probe @ probe
-    dist.all_reduce(probe)
-    dist.all_gather_object([None] * dist.get_world_size(), 0)
-    dist.barrier()
-
-
 def _hang_if_asked(rank: int) -> None:
     """Self-test knob for the timeout path: SMPCHECK_DEBUG_HANG_RANK=N makes rank N hang."""
     if os.environ.get("SMPCHECK_DEBUG_HANG_RANK") == str(rank):
@@ -176,7 +164,7 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
         f"device {opts.device}")
     cuda = opts.device.startswith("cuda")
     _raise_if_asked(rank, START)
-    _warm_up(cuda)
+    warm_up(cuda)
     size = Checkpoint(opts.source.path).sizes(opts.dtype)
     reference = None
     with MemoryMonitor(rank=rank, cuda=cuda) as monitor:

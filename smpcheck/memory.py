@@ -109,6 +109,22 @@ class MemoryRecord:
         return max((p.peak_anon for p in self.phases), default=self.baseline_anon)
 
 
+def warm_up(cuda: bool) -> None:
+    """Initialise what every run pays for before a baseline is taken: the CUDA context and
+    cuBLAS (about 0.5 GiB of host memory on an H200 node) and the communicator's buffers.
+    A bound is about the model; this is not. Collective when a process group exists."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    probe = torch.ones(64, 64, device=device)
+    probe = probe @ probe
+    if dist.is_initialized():
+        dist.all_reduce(probe)
+        dist.all_gather_object([None] * dist.get_world_size(), 0)
+        dist.barrier()
+
+
 class MemoryMonitor:
     """Sample this rank's memory in a background thread and mark phases.
 

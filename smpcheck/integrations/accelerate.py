@@ -40,7 +40,14 @@ from smpcheck.integrations.outcome import (
     timed_verify,
     wrapping,
 )
-from smpcheck.memory import Bound, MemoryMonitor, MemoryRecord, Phase, memory_bound
+from smpcheck.memory import (
+    Bound,
+    MemoryMonitor,
+    MemoryRecord,
+    Phase,
+    memory_bound,
+    warm_up,
+)
 from smpcheck.report.model import Report
 
 # Memory-bound rows (``smpcheck.memory._holds``) of accelerate's FSDP path, by FSDP version.
@@ -50,16 +57,22 @@ MEMORY_ROWS = {1: "accelerate-fsdp1", 2: "accelerate-fsdp"}
 class LoadingMonitor:
     """This rank's memory from before ``from_pretrained`` to after ``accelerator.prepare``.
 
-    Start it after the process group exists (``Accelerator()`` creates it), so the baseline
-    holds torch and the communicator but no weights. Mark ``load`` and ``wrap`` with
-    :meth:`phase`; :meth:`probe` after loading records whether this rank read the checkpoint.
+    Start it on every rank after the process group exists (``Accelerator()`` creates it).
+    It first initialises the CUDA context and the communicator (a collective), so the baseline
+    holds them but no weights: on a GPU node the context alone is about 0.5 GiB of host memory,
+    which would otherwise land in ``wrap`` and fail a small model's bound. Mark ``load`` and
+    ``wrap`` with :meth:`phase`; :meth:`probe` after loading records whether this rank read
+    the checkpoint.
 
     Args:
-        cuda: also record the CUDA allocator's peak per phase.
+        cuda: the model trains on CUDA (default: whether CUDA is available); also records the
+            CUDA allocator's peak per phase.
         dtype: the dtype the model is loaded in, for the bound (default: as stored).
     """
 
-    def __init__(self, *, cuda: bool = False, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, *, cuda: bool | None = None, dtype: torch.dtype | None = None) -> None:
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        warm_up(cuda)
         self.monitor = MemoryMonitor(rank=rank(), cuda=cuda)
         self.dtype = dtype
         self.loading: RankLoading | None = None

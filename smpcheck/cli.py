@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds to reach MASTER_ADDR:MASTER_PORT (default 60)")
     run.add_argument("--oversubscribe", action="store_true",
                      help="allow more CPU ranks than cores")
+    run.add_argument("--skip", action="append", default=[], metavar="CHECK[,CHECK]",
+                     help="checks not to run, each reported as skipped: e.g. forward,"
+                     "tp_numerics (forward passes, costly on CPU); repeatable")
     tune = run.add_argument_group("fine-tuning setups")
     tune.add_argument("--model-class", default=None, metavar="NAME",
                       help="transformers class to build, e.g. AutoModelForSequenceClassification "
@@ -72,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--strategies", default="naive,smp,fsdp2,streaming",
                          help="comma-separated (default naive,smp,fsdp2,streaming)")
     for flag in ("--nproc-per-node", "--tp", "--device", "--dtype", "--report-dir", "--timeout",
-                 "--rendezvous-timeout", "--oversubscribe", "--model-class", "--num-labels",
+                 "--rendezvous-timeout", "--oversubscribe", "--skip", "--model-class",
+                 "--num-labels",
                  "--config", "--lora", "--peft"):
         action = next(a for a in run._actions if flag in a.option_strings)
         compare._add_action(action)
@@ -122,7 +126,21 @@ def _options(args: argparse.Namespace, world: int):
         source.path, strategy, tp, model_class=args.model_class,
         num_labels=args.num_labels, config=args.config, lora=args.lora, peft=args.peft)
     return RunOptions(source=source, strategy=args.strategy, tp=tp, device=args.device,
-                      dtype=dtype, **fine_tuning)
+                      dtype=dtype, skip=skipped_checks(args.skip), **fine_tuning)
+
+
+def skipped_checks(values: list[str]) -> tuple[str, ...]:
+    """``--skip`` values (repeatable, comma-separated) as check names, in the checks' order."""
+    from smpcheck.checks import ALL_CHECKS
+
+    names = {n.strip() for value in values for n in value.split(",") if n.strip()}
+    unknown = sorted(names - set(ALL_CHECKS))
+    if unknown:
+        raise UsageError(f"--skip {','.join(unknown)}: no such check; the checks are "
+                         f"{', '.join(ALL_CHECKS)}")
+    if names == set(ALL_CHECKS):
+        raise UsageError("--skip names every check: nothing would be verified")
+    return tuple(n for n in ALL_CHECKS if n in names)
 
 
 def _check_report_dir(path: Path) -> None:

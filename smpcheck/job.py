@@ -33,7 +33,7 @@ from smpcheck.failures import (
 )
 from smpcheck.memory import MemoryMonitor, memory_bound, warm_up
 from smpcheck.phases import CHECK, FORWARD, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
-from smpcheck.report.model import Report, Status
+from smpcheck.report.model import CheckResult, Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
 from smpcheck.strategies.base import load_kwargs
@@ -111,6 +111,11 @@ def say(message: str) -> None:
     """A progress line, from rank 0 only."""
     if dist.get_rank() == 0:
         print(f"[smpcheck] {message}", flush=True)
+
+
+def skipped_results(skip: tuple[str, ...]) -> list[CheckResult]:
+    """One ``skip`` line per check left out with ``--skip``: nothing is left out silently."""
+    return [CheckResult(name, Status.SKIP, f"not run: --skip {name}") for name in skip]
 
 
 def _hang_if_asked(rank: int) -> None:
@@ -196,6 +201,9 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
                          reference_outputs=reference)
         reports = []
         for phase_name, checks in ((CHECK, CHECKS), (FORWARD, FORWARD_CHECKS)):
+            checks = [c for c in checks if c not in opts.skip]
+            if not checks:
+                continue
             progress.phase = phase_name
             with monitor.phase(phase_name):
                 start = time.perf_counter()
@@ -206,8 +214,12 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
                          sharded_over=strategy.sharded_over(world, opts.tp),
                          slack=CUDA_SLACK if cuda else CPU_SLACK)
     memory = verify(model, checks=["memory"], memory=(monitor.record, bound))
-    checked = reports[0]
-    return Report([r for report in (*reports, memory) for r in report.results],
+    judged = [r for report in (*reports, memory) for r in report.results
+              if r.name not in opts.skip]  # memory's record stays in the report, unjudged
+    checked = reports[0] if reports else memory
+    order = {name: i for i, name in enumerate(ALL_CHECKS)}
+    results = sorted(judged + skipped_results(opts.skip), key=lambda r: order[r.name])
+    return Report(results,
                   {**checked.environment, **_facts(opts), "model_bytes": size.total,
                    **getattr(strategy, "environment", {})},
                   memory.memory, checked.expected)
@@ -228,7 +240,7 @@ def _facts(opts: RunOptions) -> dict:
 def _reference(strategy, opts: RunOptions, size) -> list[float] | None:
     """Rank 0's model as loaded, before any wrapping: the forward check's reference outputs,
     where that copy is whole and small enough for a cheap forward on the host."""
-    if (not strategy.whole_model_on_rank0 or opts.tp > 1
+    if ("forward" in opts.skip or not strategy.whole_model_on_rank0 or opts.tp > 1
             or size.total > DENSE_NUMERICS_LIMIT):
         return None
     start = time.perf_counter()
@@ -242,6 +254,8 @@ def _dense_model(opts: RunOptions, strategy, model_bytes: int):
     where it can hold what the sharded model holds (no fresh head or adapter: those were
     drawn once, on the loading rank)."""
     if opts.tp <= 1 and not strategy.tp_over_world:
+        return None
+    if {"tp_numerics", "forward"} <= set(opts.skip):  # its users; tp_shards reads the files
         return None
     if model_bytes > DENSE_NUMERICS_LIMIT:
         say("tp_numerics skipped: a dense copy on every rank would exceed 1 GiB")

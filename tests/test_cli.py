@@ -20,6 +20,8 @@ import psutil
 import pytest
 import transformers as T
 
+from smpcheck.checks import ALL_CHECKS
+from smpcheck.cli import skipped_checks
 from tests.models import FAMILIES, write_checkpoint
 
 SMPCHECK = shutil.which("smpcheck") or "smpcheck"
@@ -88,6 +90,27 @@ def test_tp2_on_two_ranks(tmp_path) -> None:
     statuses = {r["name"]: r["status"] for r in report_json(tmp_path, "smpcheck-smp-tp2")[
         "results"]}
     assert statuses["tp_shards"] == "pass" and statuses["tp_numerics"] == "pass"
+
+
+def test_skipped_checks_are_reported_as_skipped_not_dropped(tmp_path) -> None:
+    out = run_cli("run", "--tp", "2", "--skip", "forward,tp_numerics", "--skip", "memory",
+                  tmp=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = report_json(tmp_path, "smpcheck-smp-tp2")
+    results = {r["name"]: r for r in data["results"]}
+    assert list(results) == list(ALL_CHECKS)  # every check has a line, in the usual order
+    for name in ("forward", "tp_numerics", "memory"):
+        assert results[name]["status"] == "skip", results[name]
+        assert results[name]["message"] == f"not run: --skip {name}"
+    assert results["tp_shards"]["status"] == "pass"  # from the files, without a dense copy
+    assert "forward   done" not in out.stdout and "reference outputs" not in out.stdout
+    assert data["memory"]["ranks"], "the memory record stays in the report, unjudged"
+
+
+def test_skip_values_become_check_names_in_order() -> None:
+    assert skipped_checks(["memory,forward", " preflight ", "forward"]) == (
+        "preflight", "forward", "memory")
+    assert skipped_checks([]) == ()
 
 
 def test_under_torchrun(tmp_path) -> None:
@@ -248,6 +271,8 @@ def main_in_process(args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[in
     ("tp_zero", "--tp must be positive, got 0"),
     ("report_dir", "cannot be created: "),
     ("rendezvous", "cannot reach the rendezvous at 127.0.0.1:"),
+    ("skip_unknown", "--skip fast: no such check; the checks are preflight, "),
+    ("skip_all", "--skip names every check: nothing would be verified"),
 ])
 def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence, monkeypatch,
                                              capsys) -> None:
@@ -267,6 +292,8 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentenc
         "tp_zero": ["run", "--tp", "0"],
         "report_dir": ["run", "--report-dir", str(bad_inputs["good"] / "config.json" / "r")],
         "rendezvous": ["run", "--rendezvous-timeout", "3"],
+        "skip_unknown": ["run", "--skip", "forward,fast"],
+        "skip_all": ["run", *[a for name in ALL_CHECKS for a in ("--skip", name)]],
     }[case]
     env = ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_closed_port())} if case == "rendezvous" else None)

@@ -37,6 +37,7 @@ class RunOptions:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     lora: LoraSpec | None = None
     adapter_dir: Path | None = None
+    skip: tuple[str, ...] = ()  # checks not run (``--skip``), reported as skipped
 
     @property
     def fine_tuning(self) -> bool:

@@ -51,6 +51,7 @@ from smpcheck.report.model import CheckResult, Finding, Status
 
 POLL_S = 0.25  # how often a watcher looks at the store (a cheap check on its own connection)
 COLLECT_S = 1.0  # how long rank 0 waits for more ranks to post after the first failure
+JOIN_S = 5.0  # how long leaving the watched block waits for the watcher's last store call
 REPORT_GRACE_S = 30.0  # how long a rank waits for rank 0's report before exiting anyway
 EXIT_FAILED = 1
 _PEER_LOSS = ("remote worker", "Connection closed by peer", "Connection reset by peer",
@@ -174,6 +175,10 @@ class FailureProtocol:
             yield self
         finally:
             self._stop.set()
+            # Left running, the watcher may be inside a store call when the interpreter
+            # exits; taking the GIL back then aborts the rank ("terminate called without an
+            # active exception") after a run that passed. Its calls take milliseconds.
+            watcher.join(timeout=JOIN_S)
 
     def fail(self, failure: RankFailure) -> NoReturn:
         """Post this rank's failure and end the run (never returns)."""

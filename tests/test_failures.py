@@ -4,11 +4,16 @@ failing, its peers stuck in a collective, the report written) runs in tests/test
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch.distributed as dist
 
 from smpcheck.failures import (
+    POLL_S,
     FailureBoard,
+    FailureProtocol,
     RankFailure,
     cause,
     failure_results,
@@ -92,6 +97,28 @@ def test_board_round_trips_records_through_a_store(tmp_path) -> None:
     assert board.any_failed() and board.failures() == [posted]
     board.mark_reported()
     assert board.reported()
+
+
+class SlowBoard:
+    """A board whose store answers slowly, as a loaded c10d store does."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def any_failed(self) -> bool:
+        self.calls += 1
+        time.sleep(POLL_S * 2)
+        return False
+
+
+def test_leaving_the_watched_block_waits_for_the_watcher() -> None:
+    """No watcher may outlive the block: one still inside a store call when the interpreter
+    exits aborts the rank (it did, in CI, after every check had passed)."""
+    board = SlowBoard()
+    with FailureProtocol(board, rank=1, write_report=lambda failures: None).watching():
+        while board.calls == 0:  # the watcher is now inside its slow call
+            time.sleep(0.01)
+    assert not [t for t in threading.enumerate() if t.name == "smpcheck-failure-watcher"]
 
 
 @pytest.mark.parametrize(("tp", "done", "running"), [

@@ -4,7 +4,7 @@ FSDP's state (and a ``DeviceMesh``) holds references to its process groups. Left
 interpreter's shutdown, a gloo group is freed while Python is being torn down; a worker
 thread that then needs the GIL aborts the rank ("terminate called without an active
 exception", SIGABRT) after training finished, and the launcher reports the whole job failed.
-Seen once in CI on the Trainer example, in a few hundred runs.
+The likely cause of one abort in CI on the Trainer example (not reproduced in about 90 runs).
 """
 
 from __future__ import annotations

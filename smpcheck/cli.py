@@ -76,8 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="comma-separated (default naive,smp,fsdp2,streaming)")
     for flag in ("--nproc-per-node", "--tp", "--device", "--dtype", "--report-dir", "--timeout",
                  "--rendezvous-timeout", "--oversubscribe", "--skip", "--model-class",
-                 "--num-labels",
-                 "--config", "--lora", "--peft"):
+                 "--num-labels", "--config", "--lora", "--peft"):
         action = next(a for a in run._actions if flag in a.option_strings)
         compare._add_action(action)
     report = sub.add_parser("report", help="rebuild the HTML report from its JSON twin")

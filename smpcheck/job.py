@@ -200,8 +200,8 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
                          adapter=opts.adapter_dir, config_overrides=opts.config_overrides,
                          reference_outputs=reference)
         reports = []
-        for phase_name, checks in ((CHECK, CHECKS), (FORWARD, FORWARD_CHECKS)):
-            checks = [c for c in checks if c not in opts.skip]
+        for phase_name, phase_checks in ((CHECK, CHECKS), (FORWARD, FORWARD_CHECKS)):
+            checks = [c for c in phase_checks if c not in opts.skip]
             if not checks:
                 continue
             progress.phase = phase_name

@@ -139,6 +139,16 @@ class Expectations:
             return None
         return vocab_resize(self._saved_config, config.to_dict())
 
+    @cached_property
+    def _config_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape as the running config builds it (the skeleton's, on meta)."""
+        if self.fresh_model is None:
+            return {}
+        return {name: tuple(t.shape) for name, t in self.fresh_model.state_dict().items()}
+
+    def _config_shape(self, base_name: str) -> tuple[int, ...] | None:
+        return self._config_shapes.get(base_name)
+
     def _outside_base_model(self, base_name: str) -> bool:
         prefix = self.base_prefix.rstrip(".")
         return bool(prefix) and hasattr(self.view.base, prefix) and not base_name.startswith(
@@ -168,7 +178,8 @@ class Expectations:
             stored = tuple(self.checkpoint.shape(key))
             if self.resize is not None and self.resize.covers(stored, piece.full_shape):
                 return Source(CHECKPOINT, (key,), self.resize.words(), self.resize.kept)
-            if stored != piece.full_shape and self._outside_base_model(base_name):
+            if (stored != piece.full_shape and self._outside_base_model(base_name)
+                    and self._config_shape(base_name) in (None, piece.full_shape)):
                 return Source(FRESH, note=f"re-initialised head (checkpoint's is {stored})")
             return Source(CHECKPOINT, (key,))
         target = self.fused.targets.get(base_name)

@@ -231,6 +231,7 @@ def test_transformers_own_tp_plan_is_judged(ranks, checkpoints) -> None:
         "initialised": "pass",
         "rank_parity": "pass",
         "checkpoint_parity": "pass",
+        "coverage": "pass",
         "fresh_init": "skip",
         "tp_shards": "pass",
         "forward": "pass",

@@ -5,6 +5,7 @@ communicate (the framework in :mod:`smpcheck.checks.base` does), and never impor
 from smpcheck.checks.base import AnyCheck, Check, CheckContext, CollectiveCheck
 from smpcheck.checks.checkpoint_parity import CheckpointParity
 from smpcheck.checks.config_parity import ConfigParity
+from smpcheck.checks.coverage import Coverage
 from smpcheck.checks.forward import ForwardSmoke
 from smpcheck.checks.fresh_init import FreshInit
 from smpcheck.checks.initialised import Initialised
@@ -21,6 +22,7 @@ ALL_CHECKS: dict[str, type[AnyCheck]] = {
         Initialised,
         RankParity,
         CheckpointParity,
+        Coverage,
         FreshInit,
         TPShards,
         ForwardSmoke,

@@ -7,8 +7,9 @@ tensor at a time.
 
 Checkpoint keys are not always the model's names: transformers 5 renames some on load
 (GPT-NeoX ``embed_out`` -> ``lm_head``) and fuses others (Mixtral's per-expert ``w1``/``w3``
-into ``gate_up_proj``). Renames are applied through the model's own conversion mapping;
-fused tensors are reported as not comparable one-to-one rather than silently skipped.
+into ``gate_up_proj``). Which model name a key loads into is decided by transformers' own
+``rename_source_key`` over the model's own conversion mapping (:func:`model_names`), never a
+copy of its rules; fused keys are left to :mod:`smpcheck.fused`.
 """
 
 from __future__ import annotations
@@ -66,33 +67,70 @@ def _keys_of(file: Path) -> list[str]:
         raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
 
 
-def _renames(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """(regex, replacement) renames checkpoint -> model, and regexes of fused sources and of
-    the model tensors they are fused into."""
-    renames: list[tuple[str, str]] = []
-    fused: list[str] = []
-    targets: list[str] = []
-    legacy = getattr(model, "_checkpoint_conversion_mapping", None) or {}
-    renames += list(legacy.items())  # transformers 4.x
-    try:  # transformers 5
+def _legacy_names(keys: list[str], model: nn.Module) -> dict[str, str]:
+    """transformers 4.x: the class's ``_checkpoint_conversion_mapping`` regexes, applied as
+    transformers 4 itself applies them (``re.sub`` per pattern, in order)."""
+    renames = list((getattr(model, "_checkpoint_conversion_mapping", None) or {}).items())
+    out = {}
+    for key in keys:
+        name = key
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        out[key] = name
+    return out
+
+
+def model_names(keys: list[str], model: nn.Module | None) -> tuple[dict[str, str], set[str]]:
+    """(checkpoint key -> the model name ``from_pretrained`` loads it into, keys fused on load).
+
+    transformers 5's own loading code decides, not a copy of it: the model's conversion
+    mapping (``get_model_conversion_mapping``, scoped per sub-model, renames and converters
+    in order) applied to each key by ``rename_source_key`` with the base-model prefix and the
+    model's meta state dict, keys in the natural order that ``from_pretrained`` walks them
+    (some renames keep state across keys), with its fallback to the key itself. A key a
+    converter consumes is fused: its expected value is built by :mod:`smpcheck.fused`.
+    """
+    if model is None:
+        return {key: key for key in keys}, set()
+    try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:
-        return renames, fused, targets
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+    except ImportError:  # transformers 4.x
+        return _legacy_names(keys, model), set()
     try:
         transforms = get_model_conversion_mapping(model)
     except Exception:  # noqa: BLE001 - a model without a mapping simply has no renames
-        return renames, fused, targets
-    for t in transforms:
-        sources = list(getattr(t, "source_patterns", []))
-        if type(t) is WeightRenaming or (isinstance(t, WeightRenaming) and len(sources) == 1):
-            renames += [(src, t.target_patterns[0]) for src in sources]
-        else:
-            fused += [re.escape(s).replace(r"\*", r"\d+") for s in sources]
-            targets += [
-                re.escape(s).replace(r"\*", r"\d+") + "$" for s in getattr(t, "target_patterns", [])
-            ]
-    return renames, fused, targets
+        transforms = []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    meta = dict.fromkeys(_state_dict_names(model), True)
+    names, fused = {}, set()
+    for key in sorted(keys, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:
+            name, pattern = rename_source_key(key, [], [], prefix, meta)
+        if pattern is not None:
+            fused.add(key)
+        names[key] = name
+    return names, fused
+
+
+def _state_dict_names(model: nn.Module) -> list[str]:
+    """The names ``model.state_dict()`` would have, without calling it (a wrapped model's
+    state dict may be a collective): parameters and persistent buffers, ties included."""
+    out = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        out += [prefix + n for n, p in module._parameters.items() if p is not None]
+        out += [prefix + n for n, b in module._buffers.items()
+                if b is not None and n not in module._non_persistent_buffers_set]
+    return list(dict.fromkeys(out))
 
 
 class Checkpoint:
@@ -106,16 +144,11 @@ class Checkpoint:
         self._handles: dict[Path, Any] = {}
         self.bytes_read = 0  # what read() returned, as stored: the cost of checking
         self.fingerprint_bytes = 0  # what fingerprint() read
-        renames, fused, self._fused_targets = _renames(model) if model is not None else ([], [], [])
-        self.fused_keys = sorted(k for k in self.files if any(re.search(p, k) for p in fused))
-        self.by_model_name: dict[str, str] = {}
-        for key in self.files:
-            if key in self.fused_keys:
-                continue
-            name = key
-            for pattern, replacement in renames:
-                name = re.sub(pattern, replacement, name)
-            self.by_model_name[name] = key
+        names, fused = model_names(list(self.files), model)
+        self.fused_keys = sorted(fused)
+        self._fused_names = {names[key] for key in fused}
+        self.by_model_name: dict[str, str] = {
+            name: key for key, name in names.items() if key not in fused}
 
     @cached_property
     def dtypes(self) -> dict[str, str]:
@@ -143,7 +176,7 @@ class Checkpoint:
 
     def is_fused_target(self, name: str) -> bool:
         """True when the model builds ``name`` from several checkpoint tensors on load."""
-        return any(re.search(p, name) for p in self._fused_targets)
+        return name in self._fused_names
 
     def read(self, key: str, box: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
         """One tensor, or one box of it (a ``[start, stop)`` run per dimension), read from

@@ -6,8 +6,8 @@ initialised the model under test.
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
+import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -25,18 +25,35 @@ def model_class(model: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-@lru_cache(maxsize=8)
-def _skeleton_for(cls: type[nn.Module], config_cls: type, config_json: str) -> nn.Module:
-    config = config_cls.from_dict(json.loads(config_json))
-    with init_empty_weights():
-        skeleton = cls._from_config(config)
-    skeleton.tie_weights()
-    return skeleton
+_CACHE: OrderedDict[tuple, nn.Module] = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def _content_key(config: Any) -> str:
+    """The config's content, as a cache key. ``repr`` of its dict, not JSON: a value JSON
+    cannot hold (an infinite ``time_step_limit`` in the SSM hybrids' configs) must not make
+    the skeleton unbuildable."""
+    return repr(config.to_dict())
 
 
 def skeleton_of(cls: type[nn.Module], config: Any) -> nn.Module:
-    """A meta-parameter, real-buffer model of class ``cls`` built from ``config``."""
-    return _skeleton_for(cls, type(config), config.to_json_string(use_diff=False))
+    """A meta-parameter, real-buffer model of class ``cls`` built from ``config``.
+
+    Built from a deep copy of the config object itself, never a JSON round trip: that loses
+    what JSON cannot hold, and a config class that subclasses another's would come back with
+    the parent's ``model_type`` (and the parent's checkpoint conversions). Cached by content,
+    so one ``verify`` builds it once and a config changed in place gets a new skeleton."""
+    key = (cls, type(config), _content_key(config))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    with init_empty_weights():
+        built = cls._from_config(copy.deepcopy(config))
+    built.tie_weights()
+    _CACHE[key] = built
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return built
 
 
 def skeleton(model: nn.Module) -> nn.Module | None:

@@ -8,7 +8,13 @@ agrees. Here the file is loaded through the running config's own class (so defau
 transformers fills in on load, and its renames of old fields, are the same on both sides) and
 compared field by field; the buffers are recomputed from the file's config and compared too.
 
-Which differences are benign is read off the class hierarchy, not listed by hand: fields that
+The raw ``config.json`` is compared too: a field the file holds that the config class itself
+changes on load (a released bug reset a rotary field on every reload) is invisible to the
+comparison above, since both sides come through the same class.
+
+Which differences are benign is read off the class hierarchy, not listed by hand, each field
+judged at its own (sub-)config (``text_config.dtype`` is a generic field of the text config,
+not an architecture field called ``text_config``): fields that
 every ``PretrainedConfig`` has (provenance, output switches, label names, dtype) steer loading
 and outputs, not the architecture's math, so they are warnings (dtype not even that when it is
 the parameters' own dtype). Fields the model's own config class declares are errors, except
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +42,10 @@ from smpcheck.skeleton import buffers_of, model_class, skeleton_of
 
 PROVENANCE = ("_name_or_path", "transformers_version")  # where and by which version it was saved
 TRAINING_FIELDS = ("initializer_range", "use_cache")  # plus *dropout* and *_token_id(s)
+CLASS_HINT = ("the config class does not give back the value it saved: every reload of this "
+              "checkpoint builds the model from the class's value, not the file's; set the "
+              "field after loading (and file a bug with the config class), or pass it as an "
+              "override on every rank")
 DRIFT_HINT = ("the config the model runs with lost or changed this field on the way from "
               "config.json: load the config from the checkpoint unchanged (or pass the same "
               "override on every rank), then rebuild the model and its buffers; if you changed "
@@ -72,12 +83,29 @@ def steers_training(field: str) -> bool:
             or field.endswith(("_token_id", "_token_ids")))
 
 
-def classify(field: str, generic: set[str]) -> str | None:
-    """"error", "warning", or None (not worth a word) for a field whose values differ."""
-    top = field.split(".")[0]
-    if top in PROVENANCE or top.startswith("_"):
+def own_field(path: str, config: Any = None) -> str:
+    """The config field a dotted path belongs to, at its leaf config: ``text_config.dtype``
+    is the text sub-config's ``dtype`` (a generic field), ``rope_parameters.rope_theta`` the
+    top config's ``rope_parameters``. Sub-configs are found on the config object itself
+    (any attribute that is a ``PretrainedConfig``), not guessed from names."""
+    from transformers import PretrainedConfig
+
+    parts = path.split(".")
+    for part in parts:
+        child = getattr(config, part, None) if config is not None else None
+        if not isinstance(child, PretrainedConfig):
+            return part
+        config = child
+    return parts[-1]
+
+
+def classify(field: str, generic: set[str], config: Any = None) -> str | None:
+    """"error", "warning", or None (not worth a word) for a field whose values differ,
+    judged by the field it is at its own (sub-)config."""
+    own = own_field(field, config)
+    if own in PROVENANCE or own.startswith("_") or field.startswith("_"):
         return None
-    if top in generic or steers_training(top):
+    if own in generic or steers_training(own):
         return "warning"
     return "error"
 
@@ -118,17 +146,53 @@ class ConfigParity:
         if folder is None or not (folder / "config.json").exists():
             return Summary(running, [], False)
         saved = type(config).from_pretrained(folder, **ctx.config_overrides)
-        findings = self._field_findings(ctx, flatten(saved.to_dict()), running)
+        loaded = flatten(saved.to_dict())
+        findings = self._field_findings(ctx, loaded, running)
+        findings += self._class_findings(ctx, folder, loaded, running)
         findings += self._buffer_findings(ctx, saved, findings)
         return Summary(running, findings, True)
+
+    def _class_findings(self, ctx: CheckContext, folder: Path, loaded: dict,
+                        running: dict) -> list[Finding]:
+        """Fields that ``config.json`` holds but the config class changes on load, so both
+        the file's config and the running one carry the class's value and agree on it.
+
+        Only for a file written by this same transformers release: then loading must give
+        back what saving wrote, and a field reset on every reload is the class's bug. A file
+        from another release may be migrated on load (old fields renamed or normalised), so
+        there a change is a warning. A null in the file is a default the class fills in."""
+        try:
+            raw = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return []
+        raw = flatten({**raw, **ctx.config_overrides})
+        import transformers
+
+        same_release = raw.get("transformers_version") == transformers.__version__
+        generic, findings = _generic_fields(), []
+        for field, want, seen in differences(raw, loaded):
+            severity = classify(field, generic, ctx.config)
+            if (severity is None or want is None or "(absent)" in (want, seen)
+                    or running.get(field) != seen):
+                continue  # a default filled in, a renamed field, or drift (named above)
+            if severity == "error" and not same_release:
+                severity = "warning"
+            findings.append(Finding(
+                f"config.{field}", [ctx.rank], f"config.json holds {json.dumps(want)}, but "
+                f"{type(ctx.config).__name__} changes it to {json.dumps(seen)} on load",
+                json.dumps(want), json.dumps(seen), CLASS_HINT if severity == "error" else
+                "written by another transformers release: a migration on load, or a loss",
+                severity))
+        return findings
 
     def _field_findings(self, ctx: CheckContext, saved: dict, running: dict) -> list[Finding]:
         generic = _generic_fields()
         dtype = _param_dtype(ctx.view.base)
         findings = []
         for field, want, seen in differences(saved, running):
-            severity = classify(field, generic)
-            if severity is None or (field in ("dtype", "torch_dtype") and seen == dtype):
+            severity = classify(field, generic, ctx.config)
+            if severity is None or (own_field(field, ctx.config) in ("dtype", "torch_dtype")
+                                    and seen in (dtype, None)):
                 continue
             if field.split(".")[-1] == "vocab_size" and _resized(ctx):
                 findings.append(Finding(
@@ -171,7 +235,7 @@ class ConfigParity:
         across: dict[tuple, list[int]] = {}
         for rank, summary in present[1:]:
             for field, want, seen in differences(base.fields, summary.fields):
-                if classify(field, _generic_fields()) is not None:
+                if classify(field, _generic_fields(), ctx.config) is not None:
                     across.setdefault((field, json.dumps(want), json.dumps(seen)), []).append(rank)
         findings += [Finding(f"config.{field}", ranks, f"differs from rank {base_rank}'s config",
                              want, seen, "every rank must run the same config: build it from the "

@@ -3,7 +3,8 @@
 Uninitialised memory is usually finite and often small (FastPLMs#47: ``inv_freq[0]`` was
 6.93e-18 instead of 1.0), so a NaN scan alone misses it. What this check can see without a
 checkpoint: meta tensors, NaN/Inf, magnitudes no trained weight has, and every
-non-persistent buffer compared bit for bit with a fresh computation from the config. Values of
+non-persistent buffer compared bit for bit with a fresh computation from the config (buffers are
+never held to the magnitude rule: a constant mask of -1e9 is by design). Values of
 parameters are judged against their sources by ``checkpoint_parity`` and ``fresh_init``.
 """
 
@@ -42,9 +43,9 @@ class Initialised:
                                         hint="materialise it (param_init_fn, or to_empty + "
                                         "init + load) before training"))
                 continue
-            if data.is_floating_point() and data.numel():
-                findings += _garbage(piece.name, data, rank)
             expected = fresh_buffers.get(view.base_name(piece.name)[0])
+            if data.is_floating_point() and data.numel() and (piece.is_param or expected is None):
+                findings += _garbage(piece.name, data, rank, magnitude=piece.is_param)
             if expected is not None and not piece.is_param:
                 expected = expected.to(data.device, data.dtype)
                 if data.shape != expected.shape or not torch.equal(data, expected):
@@ -61,10 +62,21 @@ class Initialised:
         return judge_local(self.name, summaries, "all initialised")
 
 
-def _garbage(name: str, data: torch.Tensor, rank: int) -> list[Finding]:
+def _garbage(name: str, data: torch.Tensor, rank: int, magnitude: bool = True) -> list[Finding]:
     """NaN/Inf or implausible magnitudes, from one pass that allocates nothing per element
-    (``aminmax`` propagates NaN and shows Inf): checking costs no copy of the weights."""
+    (``aminmax`` propagates NaN and shows Inf): checking costs no copy of the weights.
+
+    Only parameters are held to the magnitude rule (and to finiteness): a buffer may hold a
+    constant mask of -1e9 or -inf by design, so a buffer without a fresh computation to
+    compare with is only required to hold no NaN."""
     low, high = (float(v) for v in torch.aminmax(data.detach().reshape(-1)))
+    if not magnitude:
+        if math.isnan(low) or math.isnan(high):
+            bad = int(torch.isnan(data).sum())
+            return [Finding(name, [rank], f"{bad} of {data.numel()} values are NaN",
+                            hint="uninitialised memory or a failed init: recompute or load "
+                            "this buffer after materialising")]
+        return []
     if not (math.isfinite(low) and math.isfinite(high)):
         bad = int((~torch.isfinite(data)).sum())
         return [Finding(name, [rank], f"{bad} of {data.numel()} values are NaN or Inf",

@@ -3,7 +3,10 @@
 Shards can be the right slices and values the checkpoint's, and the first forward still
 crashes on a shape (a TP degree that splits a head), after the cluster allocation was spent.
 So one tiny batch goes through the model as the training loop will call it (FSDP1, FSDP2,
-TP, DDP: the forward is collective), in eval mode (no dropout: every rank must agree) and
+TP, DDP: the forward is collective), shaped as the model's own forward takes it (token ids,
+or one row per codebook, with decoder inputs for an encoder-decoder: each candidate is tried on
+the model's meta skeleton first, so an input the unwrapped model would also reject is a skip
+naming its error, never a failure), in eval mode (no dropout: every rank must agree) and
 without gradients. It must run, give finite outputs of a shape the config explains, and agree
 across ranks (every rank fed the same batch computes the same logits, whatever it holds).
 With ``dense_model=``, or ``reference_outputs=`` taken from rank 0's model before wrapping
@@ -22,6 +25,7 @@ import torch
 from smpcheck.checks.base import CheckContext, LocalFindings, Skip, merge_findings, ranked, result
 from smpcheck.checks.tp import TOLERANCES, forward_error
 from smpcheck.report.model import CheckResult, Finding
+from smpcheck.skeleton import skeleton
 
 SAMPLE = 512  # logits sent per rank: enough to see a divergence, small to gather
 SEQUENCE = 16
@@ -29,23 +33,79 @@ SEQUENCE = 16
 
 @dataclass
 class Prepared:
-    ids: torch.Tensor
+    inputs: dict[str, torch.Tensor]  # the batch, by forward argument
     device: torch.device
     kwargs: dict[str, Any]
 
 
-def smoke_batch(config: Any) -> tuple[torch.Tensor, dict[str, Any]] | str:
-    """The fixed batch (input ids and keywords) every rank feeds, or why none can be built."""
+# Errors a forward on the meta device raises once the input's shapes were accepted: values it
+# cannot compute (masks built with ``.item()``), not a wrong input.
+_META_LIMITS = ("meta tensor", "meta device", "on meta", "Cannot copy out of meta", "Meta",
+                "data-dependent", "Unsupported")
+
+
+def _candidates(config: Any) -> list[dict[str, tuple[int, ...]]]:
+    """Input shapes to try, by forward argument: token ids first, then one row per codebook
+    for models whose config counts codebooks (batched as the model may expect)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    out: list[dict[str, tuple[int, ...]]] = [{"input_ids": (1, SEQUENCE)}]
+    codebooks = getattr(text, "num_codebooks", None) or getattr(config, "num_codebooks", None)
+    if isinstance(codebooks, int) and codebooks > 1:
+        out += [{"input_ids": shape} for shape in
+                ((codebooks, SEQUENCE), (1, SEQUENCE, codebooks), (1, codebooks, SEQUENCE))]
+    if getattr(config, "is_encoder_decoder", False):
+        out = [{**shapes, "decoder_input_ids": shapes["input_ids"]} for shapes in out]
+    return out
+
+
+def _probe(fresh: torch.nn.Module | None, shapes: dict[str, tuple[int, ...]],
+           kwargs: dict[str, Any]) -> str | None:
+    """Why the model's own forward rejects inputs of these shapes (None: it takes them, as
+    far as a forward on the meta skeleton can tell; no weight is touched)."""
+    if fresh is None:
+        return None
+    inputs = {k: torch.zeros(v, dtype=torch.long, device="meta") for k, v in shapes.items()}
+    try:
+        with torch.no_grad(), eval_mode(fresh):
+            fresh(**inputs, **kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        words = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return None if any(limit in words for limit in _META_LIMITS) else words
+    except Exception:  # noqa: BLE001 - an op meta cannot run says nothing of the input
+        return None
+    return None
+
+
+def smoke_batch(model: torch.nn.Module | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
+    """The fixed batch (inputs by argument, and keywords) every rank feeds, or why none fits.
+
+    The shapes come from the model: each candidate is tried on the model's own forward on
+    its meta skeleton, and the first it takes is used. When it takes none, the unwrapped
+    model would fail too: that is a skip naming the model's own error, never a failure."""
+    config = getattr(model, "config", None)
     if config is None:
         return "not a transformers model: no config to build an input from"
-    if getattr(config, "is_encoder_decoder", False):
-        return "an encoder-decoder model needs decoder inputs; not built here"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None)
     if not vocab:
         return "the config names no vocabulary to draw input ids from"
-    ids = torch.randint(0, vocab, (1, SEQUENCE), generator=torch.Generator().manual_seed(0))
-    return ids, ({"use_cache": False} if hasattr(config, "use_cache") else {})
+    kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
+    fresh = skeleton(model)
+    rejected = []
+    for shapes in _candidates(config):
+        why = _probe(fresh, shapes, kwargs)
+        if why is None:
+            generator = torch.Generator().manual_seed(0)
+            return {k: torch.randint(0, vocab, v, generator=generator)
+                    for k, v in shapes.items()}, kwargs
+        rejected.append(f"{shapes}: {why}")
+    return ("the model's own forward (tried unwrapped, on its meta skeleton) takes none of the "
+            f"smoke inputs built from its config: {'; '.join(rejected)}")
+
+
+def _on(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 @torch.no_grad()
@@ -53,13 +113,13 @@ def reference_outputs(model: torch.nn.Module) -> list[float] | None:
     """A sample of ``model``'s outputs for the smoke batch: taken from a trusted unwrapped
     copy (rank 0's model right after loading) and passed to ``verify(reference_outputs=)``,
     it lets the forward check compare the wrapped model with it. None when no batch fits."""
-    batch = smoke_batch(getattr(model, "config", None))
+    batch = smoke_batch(model)
     if isinstance(batch, str):
         return None
-    ids, kwargs = batch
+    inputs, kwargs = batch
     device = next(p.device for p in model.parameters())
     with eval_mode(model):
-        return _sample(_logits(model(input_ids=ids.to(device), **kwargs)))
+        return _sample(_logits(model(**_on(inputs, device), **kwargs)))
 
 
 @dataclass
@@ -110,7 +170,7 @@ class ForwardSmoke:
     name = "forward"
 
     def prepare(self, ctx: CheckContext) -> Prepared | Skip:
-        batch = smoke_batch(ctx.config)
+        batch = smoke_batch(ctx.view.base)
         if isinstance(batch, str):
             return Skip(batch)
         device = next((p.device for p in ctx.model.parameters() if not p.is_meta), None)
@@ -121,7 +181,7 @@ class ForwardSmoke:
     def collective(self, ctx: CheckContext, prepared: Prepared) -> Outputs | LocalFindings:
         with torch.no_grad(), eval_mode(ctx.model):
             try:
-                logits = _logits(ctx.model(input_ids=prepared.ids.to(prepared.device),
+                logits = _logits(ctx.model(**_on(prepared.inputs, prepared.device),
                                            **prepared.kwargs))
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 return forward_error(ctx, exc, "the wrapped model's forward")
@@ -129,7 +189,7 @@ class ForwardSmoke:
             if ctx.dense_model is not None:
                 device = next(ctx.dense_model.parameters()).device
                 with eval_mode(ctx.dense_model):
-                    dense = _sample(_logits(ctx.dense_model(input_ids=prepared.ids.to(device),
+                    dense = _sample(_logits(ctx.dense_model(**_on(prepared.inputs, device),
                                                             **prepared.kwargs)))
         if hasattr(logits, "full_tensor"):  # a DTensor output: what the training loop sees
             logits = logits.to_local()
@@ -172,7 +232,7 @@ class ForwardSmoke:
             findings.append(Finding("(logits)", [base_rank], f"differ from the dense model's by "
                                     f"up to {gap:.3g} (atol={atol:g})", hint="the wrapped model "
                                     "computes something else than the dense model"))
-        words = (f"one batch of {SEQUENCE} tokens on {len(summaries)} ranks: outputs "
+        words = (f"one batch of {SEQUENCE} positions on {len(summaries)} ranks: outputs "
                  f"{base.shape}, finite" + (", vs the dense model" if dense else ""))
         return result(self.name, findings, f"{words}, the same on every rank",
                       f"{words}: {sum(f.severity == 'error' for f in findings)} problems")

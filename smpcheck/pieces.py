@@ -9,6 +9,12 @@ tensor inside an FSDP1 ``FlatParameter`` (``use_orig_params`` on or off). Each p
   gathering anything, and
 * its ``replica_key``: pieces with equal keys on different ranks must hold equal values
   (replicated tensors, TP shards across data-parallel replicas, HSDP replicas).
+
+DeepSpeed ZeRO-3 partitions each parameter as it is built: the parameter itself is empty,
+``param.ds_tensor`` holds this rank's run of the flattened tensor (``ds_shape`` the full
+shape), padded at the end of the last partitions. That is an FSDP1 flat range of a whole
+tensor, so a ZeRO-3 partition is a ``flat`` piece, its padding excluded, read from
+DeepSpeed's own partition attributes.
 """
 
 from __future__ import annotations
@@ -157,8 +163,36 @@ def iter_pieces(model: nn.Module) -> Iterator[Piece]:
         if id(tensor) in seen or name in flat_names or "_flat_param" in raw_name:
             continue
         seen.add(id(tensor))
+        if is_param and is_zero3(tensor):
+            if _zero3_range(tensor)[1] > _zero3_range(tensor)[0]:  # not all padding
+                yield _zero3_piece(name, tensor)
+            continue
         yield _piece(name, tensor, is_param, name not in non_persistent,
                      fsdp2_dims.get(id(tensor), 0))
+
+
+def is_zero3(tensor: torch.Tensor) -> bool:
+    """A parameter that DeepSpeed ZeRO-3 partitioned (its data lives in ``ds_tensor``)."""
+    return getattr(tensor, "ds_tensor", None) is not None and hasattr(tensor, "ds_shape")
+
+
+def _zero3_range(param: Any) -> tuple[int, int]:
+    """[start, stop) of the flattened parameter that this rank's partition holds: partitions
+    are equal runs in partition-rank order, the last ones padded past ``ds_numel``."""
+    size = param.ds_tensor.numel()
+    rank = getattr(param, "ds_zero_partition_rank", None)
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank(group=param.ds_process_group)
+    start = min(size * rank, param.ds_numel)
+    return start, min(start + size, param.ds_numel)
+
+
+def _zero3_piece(name: str, param: Any) -> Piece:
+    start, stop = _zero3_range(param)
+    return Piece(name, param.ds_tensor.detach().reshape(-1)[:stop - start], True, kind="flat",
+                 flat_range=(start, stop), shape=tuple(param.ds_shape))
 
 
 def _fsdp2_mesh_dims(model: nn.Module) -> dict[int, int]:
@@ -202,14 +236,18 @@ def _piece(name: str, tensor: torch.Tensor, is_param: bool, persistent: bool,
     )
 
 
-def fsdp1_full_shapes(model: nn.Module) -> dict[str, tuple[list[int], str]]:
-    """Name -> (unsharded shape, dtype) of every FSDP1-managed parameter: its module
-    attribute is only a view of this rank's flat shard (or absent)."""
+def flat_full_shapes(model: nn.Module) -> dict[str, tuple[list[int], str]]:
+    """Name -> (unsharded shape, dtype) of every parameter held as a flat range: FSDP1's
+    (its module attribute is only a view of this rank's flat shard, or absent) and ZeRO-3's
+    (the parameter itself is empty)."""
     out = {}
     for prefix, handle in _fsdp1_handles(model):
         flat = handle.flat_param
         for fqn, shape in zip(flat._fqns, flat._shapes):
             out[_join(prefix, fqn)] = (list(shape), str(flat.dtype).replace("torch.", ""))
+    for raw, param in model.named_parameters():
+        if is_zero3(param):
+            out[clean_name(raw)] = (list(param.ds_shape), str(param.dtype).replace("torch.", ""))
     return out
 
 

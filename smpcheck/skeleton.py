@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +31,24 @@ _CACHE: OrderedDict[tuple, nn.Module] = OrderedDict()
 _CACHE_SIZE = 8
 
 
+@contextmanager
+def outside_zero3() -> Iterator[None]:
+    """Build without DeepSpeed ZeRO-3: while an ``HfDeepSpeedConfig`` of stage 3 is alive,
+    transformers builds every model inside ``deepspeed.zero.Init``, which would partition the
+    skeleton's meta parameters. The setting is restored after."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - a transformers without the integration
+        yield
+        return
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held
+
+
 def _content_key(config: Any) -> str:
     """The config's content, as a cache key. ``repr`` of its dict, not JSON: a value JSON
     cannot hold (an infinite ``time_step_limit`` in the SSM hybrids' configs) must not make
@@ -47,7 +67,7 @@ def skeleton_of(cls: type[nn.Module], config: Any) -> nn.Module:
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
-    with init_empty_weights():
+    with init_empty_weights(), outside_zero3():
         built = cls._from_config(copy.deepcopy(config))
     built.tie_weights()
     _CACHE[key] = built

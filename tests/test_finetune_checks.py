@@ -77,9 +77,9 @@ def every_case(path: str, setup: str, layout: str) -> dict:
             model, fresh_pieces(model, "lora_B"),
             lambda d: d.copy_(torch.randn(d.shape, generator=torch.Generator().manual_seed(6))
                               * 0.02), path)
-        from smpcheck.pieces import fsdp1_full_shapes
+        from smpcheck.pieces import flat_full_shapes
 
-        names = [*fsdp1_full_shapes(model), *(n for n, _ in model.named_parameters())]
+        names = [*flat_full_shapes(model), *(n for n, _ in model.named_parameters())]
         base = sorted(clean_name(n) for n in names if ".base_layer.weight" in n)[0]
         out["base"] = with_planted(model, [p for p in iter_pieces(model) if p.name == base],
                                    lambda d: d.add_(0.01), path)

@@ -328,7 +328,7 @@ def judge_fresh_pieces(path: str, layout: str, bad_rank: int | None) -> dict[str
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import fully_shard
 
-    from smpcheck.pieces import fsdp1_full_shapes, iter_pieces
+    from smpcheck.pieces import flat_full_shapes, iter_pieces
 
     torch.manual_seed(0)
     model = T.LlamaForSequenceClassification.from_pretrained(path, num_labels=3)
@@ -338,7 +338,7 @@ def judge_fresh_pieces(path: str, layout: str, bad_rank: int | None) -> dict[str
         fully_shard(model)
     else:
         model = FSDP(model, device_id=torch.device("cpu"), use_orig_params=False)
-    shapes = {name: shape for name, (shape, _) in fsdp1_full_shapes(model).items()}
+    shapes = {name: shape for name, (shape, _) in flat_full_shapes(model).items()}
     rules = fresh_init_rules(model, shapes=shapes)
     pieces_held = {p.name: p for p in iter_pieces(model)}
     if dist.get_rank() == bad_rank:

@@ -20,7 +20,7 @@ from smpcheck.init_judge import judge
 from smpcheck.init_replay import fresh_init_rules
 from smpcheck.init_rules import InitRule
 from smpcheck.init_stats import shard_stats
-from smpcheck.pieces import fsdp1_full_shapes
+from smpcheck.pieces import flat_full_shapes
 from smpcheck.report.model import CheckResult, Finding
 
 HINT = ("this fresh tensor does not look like its init rule's draw: it was never initialised "
@@ -42,7 +42,7 @@ class FreshInit:
         if not fresh:
             return Skip("no tensor is expected fresh: every one has a checkpoint, adapter or "
                         "config source")
-        shapes = {name: shape for name, (shape, _) in fsdp1_full_shapes(ctx.model).items()}
+        shapes = {name: shape for name, (shape, _) in flat_full_shapes(ctx.model).items()}
         rules = fresh_init_rules(ctx.model, shapes=shapes)
         findings = []
         for piece, source in fresh:

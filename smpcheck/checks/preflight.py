@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from smpcheck.checks.base import CheckContext, merge_findings, ranked, result
-from smpcheck.pieces import fsdp1_full_shapes, observed_tie_groups
+from smpcheck.pieces import flat_full_shapes, observed_tie_groups
 from smpcheck.report.model import CheckResult, Finding
 from smpcheck.tensors import clean_name
 
@@ -24,7 +24,7 @@ MAX_DIFFERENCES_PER_RANK = 10
 def structure(model: nn.Module) -> dict:
     """This rank's structure: per tensor (kind, shape, dtype, requires_grad, placements),
     tie groups, and device types (meta excluded: rank 0 real, others meta is the recipe)."""
-    full_shapes = fsdp1_full_shapes(model)
+    full_shapes = flat_full_shapes(model)
     tensors = {
         name: ["param", shape, dtype, True, []] for name, (shape, dtype) in full_shapes.items()
     }

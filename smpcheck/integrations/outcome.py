@@ -13,7 +13,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from smpcheck.pieces import fsdp1_full_shapes, iter_pieces
+from smpcheck.pieces import flat_full_shapes, iter_pieces
 from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.tensors import clean_name
@@ -41,7 +41,7 @@ def wrapping(model: nn.Module) -> dict[str, Any]:
     nothing was sharded, whatever the configuration asked for."""
     from torch.distributed.fsdp import FSDPModule
 
-    flat_shapes = fsdp1_full_shapes(model)
+    flat_shapes = flat_full_shapes(model)
     global_numel = {clean_name(n): p.numel() for n, p in model.named_parameters()}
     full = sum(math.prod(shape) for shape, _ in flat_shapes.values())  # pieces elsewhere too
     local = 0

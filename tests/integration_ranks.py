@@ -76,9 +76,11 @@ class StepRecorder(TrainerCallback):
         (self.out / f"step-rank{dist.get_rank()}-{state.global_step}").touch()
 
 
-def trainer_fault(checkpoint: str, out: Path, version: int) -> dict[str, Any]:
+def trainer_fault(checkpoint: str, out: Path, version: int | str) -> dict[str, Any]:
+    """``version`` 1 or 2: FSDP of that version; ``"zero3"``: DeepSpeed ZeRO-3."""
     fault = "inv_freq" if version == 2 else "bitflip"
-    argv = [checkpoint, "--out", str(out / "trainer"), "--cpu", "--fsdp-version", str(version)]
+    argv = [checkpoint, "--out", str(out / "trainer"), "--cpu",
+            *(["--deepspeed", "3"] if version == "zero3" else ["--fsdp-version", str(version)])]
     try:
         trainer_fsdp.main(argv, extra_callbacks=[PlantOnRank1(fault), StepRecorder(out)])
     except SmpcheckFailed as exc:
@@ -204,7 +206,8 @@ MODES = {"trainer-fault": trainer_fault, "trainer-collectives": trainer_collecti
 
 if __name__ == "__main__":
     mode, ckpt, out_dir = sys.argv[1:4]
-    fsdp_version = int(sys.argv[4]) if len(sys.argv) > 4 else 2
+    given = sys.argv[4] if len(sys.argv) > 4 else "2"
+    fsdp_version = int(given) if given.isdigit() else given
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     result = MODES[mode](ckpt, Path(out_dir), fsdp_version)
     _write(Path(out_dir), mode, result)

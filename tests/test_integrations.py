@@ -96,6 +96,34 @@ def test_trainer_stops_every_rank_before_the_first_step_on_a_planted_fault(
     assert_sharded(report["environment"], f"fsdp{version}")
 
 
+def test_trainer_under_deepspeed_zero3_is_checked_then_trains(checkpoints, tmp_path) -> None:
+    """``TrainingArguments(deepspeed=...)`` with ZeRO-3: the same one-line callback judges
+    each rank's partitions (half of every parameter), then training goes on."""
+    pytest.importorskip("deepspeed")
+    out = launch([*TORCHRUN, str(ROOT / "examples" / "trainer_fsdp.py"),
+                  str(checkpoints["llama-gqa-tied"]), "--out", str(tmp_path / "ft"), "--cpu",
+                  "--deepspeed", "3"], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[example] trained 2 steps" in out.stdout, out.stdout
+    data = json.loads((tmp_path / "ft" / "smpcheck" / "smpcheck-trainer.json").read_text())
+    statuses = {r["name"]: r["status"] for r in data["results"]}
+    for name in ("initialised", "rank_parity", "checkpoint_parity", "coverage", "forward"):
+        assert statuses[name] == "pass", statuses
+    assert_sharded(data["environment"], "deepspeed-zero3")
+
+
+def test_trainer_under_deepspeed_zero3_stops_on_a_fault_in_one_partition(
+        checkpoints, tmp_path) -> None:
+    pytest.importorskip("deepspeed")
+    out = launch([*TORCHRUN, str(DRIVER), "trainer-fault", str(checkpoints["llama-gqa-tied"]),
+                  str(tmp_path), "zero3"], tmp_path)
+    assert out.returncode != 0, out.stdout + out.stderr
+    errors = [r["error"] for r in per_rank(tmp_path, "trainer-fault")]
+    assert errors[0] == errors[1], "every rank must stop with the same sentence"
+    assert "[checkpoint_parity] model.layers.1.mlp.up_proj.weight (rank 1)" in errors[0]
+    assert not list(tmp_path.glob("step-rank*")), "an optimizer step ran before the stop"
+
+
 @needs_accelerate_fsdp
 def test_callback_adds_no_collective_when_disabled_and_one_verify_when_enabled(
         checkpoints, tmp_path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from smpcheck.pieces import flat_full_shapes, iter_pieces
+from smpcheck.pieces import flat_full_shapes, is_zero3, iter_pieces
 from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.tensors import clean_name
@@ -56,7 +56,9 @@ def wrapping(model: nn.Module) -> dict[str, Any]:
             full += global_numel.get(piece.name, piece.data.numel())
     fsdp2 = any(isinstance(m, FSDPModule) for m in model.modules())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if flat_shapes:
+    if any(is_zero3(p) for p in model.parameters()):
+        name = "deepspeed-zero3"
+    elif flat_shapes:
         name = "fsdp1"
     elif fsdp2:
         name = "tp+fsdp2" if two_dims else "fsdp2"

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from smpcheck.checkpoint import Checkpoint, CheckpointError
+from smpcheck.dcp import open_checkpoint
 from smpcheck.fused import FusedMap, build_expected, fused_targets
 from smpcheck.peft_names import ADAPTER as ADAPTER_ROLE
 from smpcheck.peft_names import PeftView
@@ -93,7 +94,7 @@ class Expectations:
         self.world_size, self.rank = world_size, rank
         self.split_replicas = split_replicas
         self.fresh_model = skeleton(self.view.base)
-        self.checkpoint = Checkpoint(checkpoint, self.fresh_model or self.view.base) \
+        self.checkpoint = open_checkpoint(checkpoint, self.fresh_model or self.view.base) \
             if checkpoint is not None else None
         self.fused = fused_targets(self.fresh_model or self.view.base, {
             key: self.checkpoint.shape(key) for key in self.checkpoint.files

@@ -43,13 +43,24 @@ def head_layout(config: Any) -> HeadLayout | None:
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
-    if not heads or not hidden:
+    heads, hidden = _field(text, "num_attention_heads"), _field(text, "hidden_size")
+    if not isinstance(heads, int) or not isinstance(hidden, int) or not heads:
         return None
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = _field(text, "head_dim") or hidden // heads
+    kv_heads = _field(text, "num_key_value_heads") or heads
+    if not isinstance(head_dim, int) or not isinstance(kv_heads, int):
+        return None
     return HeadLayout(heads, kv_heads, head_dim)
+
+
+def _field(config: Any, name: str) -> Any:
+    """A config field, or None where the config holds no single value for it: configs whose
+    layers differ (per-layer heads) refuse a global read, and then there is no one head
+    arithmetic to judge by."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - transformers' per-layer configs raise their own type
+        return None
 
 
 def head_split_dims(model: nn.Module, layout: HeadLayout) -> dict[str, tuple[int, str]]:

@@ -161,8 +161,8 @@ class ConfigParity:
         back what saving wrote, and a field reset on every reload is the class's bug. A file
         from another release may be migrated on load (old fields renamed or normalised), so
         there a change is a warning. A null in the file is a default the class fills in."""
-        try:
-            raw = json.loads((folder / "config.json").read_text())
+        try:  # transformers' own reader: it decodes what its writer encodes (infinity)
+            raw = type(ctx.config)._dict_from_json_file(folder / "config.json")
         except (OSError, ValueError):
             return []
         raw = flatten({**raw, **ctx.config_overrides})

@@ -41,6 +41,8 @@ FORWARD_HINT = ("a shard splits a dimension the forward reshapes (an attention h
 
 
 def _head_findings(ctx: CheckContext, pieces: list[Any]) -> list[Finding]:
+    if not any(piece.tp_splits for piece in pieces):
+        return []  # FSDP alone: it gathers before computing, heads are whole then
     layout = head_layout(ctx.config)
     if layout is None:
         return []

@@ -119,8 +119,13 @@ def skipped_results(skip: tuple[str, ...]) -> list[CheckResult]:
 
 
 def _hang_if_asked(rank: int) -> None:
-    """Self-test knob for the timeout path: SMPCHECK_DEBUG_HANG_RANK=N makes rank N hang."""
+    """Self-test knob for the timeout path: SMPCHECK_DEBUG_HANG_RANK=N makes rank N hang,
+    saying when it began (SMPCHECK_DEBUG_HANG_MARK) so a test waits on the hang, not on the
+    clock (see :mod:`smpcheck.launch`)."""
     if os.environ.get("SMPCHECK_DEBUG_HANG_RANK") == str(rank):
+        from smpcheck.launch import announce_hang
+
+        announce_hang()
         while True:
             time.sleep(1)
 

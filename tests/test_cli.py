@@ -4,6 +4,7 @@ stopped at --timeout, concurrent runs, and real BERT weights. No run leaves a pr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -309,26 +310,99 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentenc
     assert time.monotonic() - start < 60
 
 
+def hang_env(mark: Path) -> dict[str, str]:
+    """Rank 1 hangs in wrap and writes ``mark`` as it begins; the timeout counts from then."""
+    return {"SMPCHECK_DEBUG_HANG_RANK": "1", "SMPCHECK_DEBUG_HANG_MARK": str(mark)}
+
+
+def wait_for(path: Path, proc: subprocess.Popen, limit: float = 240) -> None:
+    """Until ``path`` exists. Fails only for a broken run: one that ends first, or that never
+    gets there within ``limit`` s (a start-up takes seconds however loaded the machine)."""
+    end = time.monotonic() + limit
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {path}"
+        assert time.monotonic() < end, f"no {path} after {limit:.0f} s"
+        time.sleep(0.1)
+
+
+def rank_stacks(stderr: str, timeout: str) -> dict[int, str]:
+    """Each rank's stack as printed on a timeout, by rank (the ranks take turns)."""
+    stacks = {}
+    for part in stderr.split("[smpcheck] rank ")[1:]:
+        rank, _, rest = part.partition(f": still running after the {timeout} s timeout")
+        stacks[int(rank)] = rest
+    return stacks
+
+
 def test_hanging_rank_is_stopped_with_every_rank_stack(tmp_path) -> None:
-    out = run_cli("run", "--timeout", "25", tmp=tmp_path,
-                  env={"SMPCHECK_DEBUG_HANG_RANK": "1"}, timeout=120)
+    """The 2 s count from rank 1's hang (the self-test knob), not from the start: rank 1 is in
+    its hang at the timeout however slowly the ranks started."""
+    mark = tmp_path / "hang"
+    out = run_cli("run", "--timeout", "2", tmp=tmp_path, env=hang_env(mark))
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "rank 0: still running after the 25 s timeout" in out.stderr
-    assert "rank 1: still running after the 25 s timeout" in out.stderr
-    assert "_hang_if_asked" in out.stderr, "rank 1's stack must show where it hung"
-    assert "were still running after --timeout 25 s" in out.stderr  # run_cli: none left
+    assert mark.exists(), "rank 1 never reached its hang"
+    stacks = rank_stacks(out.stderr, "2")
+    assert list(stacks) == [0, 1], out.stderr  # each rank's stack once, in rank order
+    assert "_hang_if_asked" in stacks[1], "rank 1's stack must show where it hung"
+    assert out.stderr.count("Current thread 0x") == 2, "a stack twice (SIGTERM's dump too)"
+    assert out.stderr.strip().splitlines()[-1] == (
+        "smpcheck: ranks [0, 1] were still running after --timeout 2 s and were stopped; "
+        "each rank's stack is printed above")  # and run_cli: no process left
+
+
+def test_a_timeout_names_every_rank_that_timed_out(tmp_path) -> None:
+    """torch's launcher records only the first rank to exit; the ranks' own word completes it
+    (in process: the record and the sentence made of it)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from smpcheck.cli import _launcher_sentence
+    from smpcheck.launch import TIMED_OUT, timeout_marks, with_timed_out_ranks
+
+    for rank, pid in ((2, 202), (0, 200)):
+        (tmp_path / f"rank{rank}").write_text(str(pid))
+    (tmp_path / ".rank1.201").write_text("2")  # a mark being written is not one yet
+    assert timeout_marks(tmp_path) == {0: 200, 2: 202}
+    first = ProcessFailure(local_rank=2, pid=202, exitcode=TIMED_OUT, error_file="")
+    failures = with_timed_out_ranks({2: first}, timeout_marks(tmp_path))
+    assert list(failures) == [0, 2] and failures[2] is first
+    assert (failures[0].pid, failures[0].exitcode) == (200, TIMED_OUT)
+    args = argparse.Namespace(timeout=25.0)
+    assert _launcher_sentence(args, failures, tmp_path / "x.log").startswith(
+        "ranks [0, 2] were still running after --timeout 25 s and were stopped")
+    crashed = ProcessFailure(local_rank=1, pid=201, exitcode=-9, error_file="")
+    assert with_timed_out_ranks({1: crashed}, {}) == {1: crashed}  # no timeout: as recorded
+
+
+def test_the_timeout_of_a_planted_hang_counts_from_the_hang(tmp_path, monkeypatch) -> None:
+    """The self-test knob's plumbing, in process: only with a planted hang, and never from an
+    earlier run's mark."""
+    from smpcheck.launch import announce_hang, debug_hang_mark, hang_began
+
+    mark = tmp_path / "hang"
+    monkeypatch.setenv("SMPCHECK_DEBUG_HANG_MARK", str(mark))
+    monkeypatch.delenv("SMPCHECK_DEBUG_HANG_RANK", raising=False)
+    assert debug_hang_mark() is None  # no hang planted: the timeout counts from the start
+    monkeypatch.setenv("SMPCHECK_DEBUG_HANG_RANK", "1")
+    assert debug_hang_mark() == mark
+    mark.write_text("1.0")  # an earlier run's
+    since = time.time()
+    with ThreadPoolExecutor(1) as pool:
+        began = pool.submit(hang_began, mark, since)
+        announce_hang()
+        assert since <= began.result(timeout=60) <= time.time()
+    assert [p.name for p in tmp_path.iterdir()] == ["hang"]
 
 
 def test_killing_the_launcher_leaves_no_rank_behind(tmp_path) -> None:
     """SIGKILL gives the launcher no chance to stop its ranks; they die with it."""
     tag = uuid.uuid4().hex
+    mark = tmp_path / "hang"
     env = {**os.environ, "SMPCHECK_CACHE": str(tmp_path / "cache"), TAG: tag,
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "SMPCHECK_DEBUG_HANG_RANK": "1"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", **hang_env(mark),
+           "TMPDIR": str(tmp_path)}  # what a killed launcher cannot clean up stays in here
     with subprocess.Popen([SMPCHECK, "run", "--timeout", "300"], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
-        for line in proc.stdout:  # rank 1 now hangs in wrap; rank 0 waits for it
-            if "[smpcheck] load" in line:
-                break
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        wait_for(mark, proc)  # rank 1 now hangs in wrap; rank 0 waits for it
         ranks = [child for child in psutil.Process(proc.pid).children(recursive=True)
                  if "spawn_main" in " ".join(child.cmdline())]
         assert len(ranks) == 2

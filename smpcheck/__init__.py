@@ -2,6 +2,7 @@
 
 from smpcheck.report.model import CheckResult, Finding, Report, Status
 from smpcheck.runner import RankError, RankTimeout, run_on_ranks
+from smpcheck.saves import verify_saved
 from smpcheck.verify import PreflightError, preflight, verify
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "preflight",
     "run_on_ranks",
     "verify",
+    "verify_saved",
 ]
 __version__ = "0.1.0"

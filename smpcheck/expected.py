@@ -89,7 +89,8 @@ class Expectations:
     """What every tensor of one rank's model should hold, computed once per ``verify``."""
 
     def __init__(self, view: PeftView, checkpoint: Path | None, adapter: Path | None,
-                 world_size: int, rank: int, split_replicas: bool) -> None:
+                 world_size: int, rank: int, split_replicas: bool,
+                 adapter_complete: bool = False) -> None:
         self.view = view
         self.world_size, self.rank = world_size, rank
         self.split_replicas = split_replicas
@@ -100,6 +101,7 @@ class Expectations:
             key: self.checkpoint.shape(key) for key in self.checkpoint.files
         }) if self.checkpoint is not None else FusedMap()
         self.adapter = Checkpoint(_adapter_file(adapter)) if adapter is not None else None
+        self.adapter_complete = adapter_complete  # a save: every adapter must be in its file
         self.base_prefix = getattr(self.view.base, "base_model_prefix", "") + "."
         self.buffers = set(buffers_of(self.fresh_model))
         self.used: set[str] = set()  # checkpoint keys some piece of this rank stands for
@@ -173,6 +175,9 @@ class Expectations:
         if role == ADAPTER_ROLE:
             if self.adapter is not None and base_name in self.adapter.files:
                 return Source(ADAPTER, (base_name,))
+            if self.adapter_complete and self.adapter is not None:
+                return Source(MISSING, note=f"not in the adapter file {self.adapter.path} "
+                              "that was written from this model")
             return Source(FRESH, note="PEFT adapter")
         key = self.key_for(base_name)
         if self.checkpoint is not None and key is not None:

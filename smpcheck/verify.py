@@ -55,6 +55,7 @@ def verify(
     reference_outputs: list[float] | None = None,
     memory: tuple[MemoryRecord, Bound] | None = None,
     environment_extra: dict[str, Any] | None = None,
+    adapter_complete: bool = False,
 ) -> Report:
     """Check a wrapped model on every rank and return the same :class:`Report` everywhere.
 
@@ -79,6 +80,9 @@ def verify(
             on rank 0's model before wrapping); the wrapped model's must agree with it.
         memory: this rank's monitor record and bound, for the memory check and the report.
         environment_extra: more facts for the report's environment (strategy, TP degree).
+        adapter_complete: the adapter directory was just saved from this model, so every
+            adapter tensor must be in its file (a missing one is an error, not a fresh init):
+            see :func:`smpcheck.verify_saved`.
 
     Returns:
         The report; ``report.ok`` is False when any check failed or errored.
@@ -107,6 +111,7 @@ def verify(
         adapter=Path(adapter) if adapter else None,
         config_overrides=dict(config_overrides or {}),
         checks=tuple(names),
+        adapter_complete=adapter_complete,
     )
     run = run_checks(ctx, [ALL_CHECKS[n]() for n in names])
     return Report(

@@ -67,6 +67,7 @@ class CheckContext:
     adapter: Path | None = None  # a PEFT adapter directory the adapters were loaded from
     config_overrides: dict[str, Any] = field(default_factory=dict)  # declared on purpose
     checks: tuple[str, ...] = ()  # the checks this verify runs (some share work)
+    adapter_complete: bool = False  # the adapter file was just saved: it must hold them all
 
     def __post_init__(self) -> None:
         # DDP (what accelerate's prepare returns on CPU/GPU without FSDP) holds an unsharded
@@ -101,7 +102,8 @@ class CheckContext:
         """Every tensor's source of truth, and the checkpoint readers (headers parsed once
         for every check)."""
         return Expectations(self.view, self.checkpoint, self.adapter, self.world_size,
-                            self.rank, split_replicas="rank_parity" in self.checks)
+                            self.rank, split_replicas="rank_parity" in self.checks,
+                            adapter_complete=self.adapter_complete)
 
     @cached_property
     def one_pass(self) -> tuple[list[tuple[Piece, Source]], list[Comparison]]:

@@ -33,6 +33,7 @@ from smpcheck.integrations.outcome import (
     wrapping,
 )
 from smpcheck.report.model import Report
+from smpcheck.saves import ADAPTER, CHECKPOINT_PREFIX, resumed_from, saved_layout, verify_saved
 
 DISABLE_ENV = "SMPCHECK_DISABLE"
 
@@ -41,9 +42,9 @@ class SmpcheckCallback(TrainerCallback):
     """Verify the wrapped model once, on every rank, before the first optimizer step.
 
     Args:
-        checkpoint: safetensors directory the weights should equal (default: the model's
-            ``name_or_path`` when that is a local directory or a cached hub id; no checkpoint
-            parity otherwise, and never on a resumed run, whose weights have moved on).
+        checkpoint: checkpoint directory the weights should equal (safetensors or DCP;
+            default: the model's ``name_or_path`` when that is a local directory or a cached
+            hub id, and on a resumed run the checkpoint it resumed from).
         checks: names of the checks to run (default: all of them).
         on_failure: ``"raise"`` stops training on every rank with the same one-sentence
             :class:`~smpcheck.integrations.outcome.SmpcheckFailed`; ``"warn"`` warns and
@@ -58,6 +59,12 @@ class SmpcheckCallback(TrainerCallback):
             of being judged as a fresh init (PEFT does not record where it loaded them from).
         config_overrides: config fields set on purpose at load (``num_labels=3``), as for
             :func:`smpcheck.verify`.
+        check_saves: also check every checkpoint the Trainer writes, on its save event
+            (:func:`smpcheck.verify_saved`); a save that differs from the live model stops
+            (or warns) as a failed check does. Off by default: it reads the files back.
+
+    On a resumed run (``resume_from_checkpoint``) the model is compared with the Trainer
+    checkpoint it resumed from (full, FSDP sharded/DCP, or adapter-only saves).
 
     It verifies once per callback (a second ``train()`` would judge trained weights against the
     checkpoint). After training starts, ``callback.report`` holds the report; its results are
@@ -68,8 +75,11 @@ class SmpcheckCallback(TrainerCallback):
                  checks: Iterable[str] | None = None, on_failure: str = "raise",
                  report_dir: str | os.PathLike | None = None, enabled: bool | None = None,
                  stem: str = "smpcheck-trainer", adapter: str | os.PathLike | None = None,
-                 config_overrides: dict[str, Any] | None = None) -> None:
+                 config_overrides: dict[str, Any] | None = None,
+                 check_saves: bool = False) -> None:
         self.checkpoint = checkpoint
+        self.check_saves = check_saves
+        self.saves: list[Report] = []
         self.adapter, self.config_overrides = adapter, config_overrides
         self.checks = list(checks) if checks is not None else None
         self.on_failure = check_on_failure(on_failure)
@@ -89,10 +99,10 @@ class SmpcheckCallback(TrainerCallback):
         if not self.enabled or self.report is not None or model is None:
             return
         setup_s = time.perf_counter() - self._init_end if self._init_end else None
-        checkpoint, source = self._checkpoint_for(model, resumed=state.global_step > 0)
+        checkpoint, adapter, source = self._expected_for(model, args, state)
         held = wrapping(model)
         report, seconds = timed_verify(model, checkpoint=checkpoint, checks=self.checks,
-                                       adapter=self.adapter,
+                                       adapter=adapter,
                                        config_overrides=self.config_overrides,
                                        environment_extra={
                                            "integration": "transformers.Trainer",
@@ -110,10 +120,40 @@ class SmpcheckCallback(TrainerCallback):
         conclude(report, report_dir=report_dir, stem=self.stem, on_failure=self.on_failure,
                  where="the model the Trainer is about to train")
 
-    def _checkpoint_for(self, model: Any, resumed: bool) -> tuple[str | None, str]:
-        """The checkpoint to compare with, and where it came from (for the report)."""
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None,
+                **kwargs: Any) -> None:
+        """With ``check_saves``: the checkpoint just written equals the live model, before
+        training goes on (a partial or empty adapter file stops every rank, naming the tensor,
+        the file and the step)."""
+        if not self.enabled or not self.check_saves or model is None:
+            return
+        step = state.global_step
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
+        report = verify_saved(model, folder, base_checkpoint=self.checkpoint,
+                              environment_extra={"integration": "transformers.Trainer",
+                                                 "step": step, **wrapping(model)})
+        self.saves.append(report)
+        conclude(report, report_dir=self.report_dir or Path(args.output_dir) / "smpcheck",
+                 stem=f"{self.stem}-save-{step}", on_failure=self.on_failure,
+                 where=f"the checkpoint the Trainer saved at step {step} ({folder})")
+
+    def _expected_for(self, model: Any, args: Any, state: Any
+                      ) -> tuple[str | None, str | None, str]:
+        """The checkpoint and adapter directory to compare with, and where they came from
+        (for the report). A resumed run is compared with the checkpoint it resumed from:
+        its weights have moved on from the model's own ``name_or_path``."""
         if self.checkpoint is not None:
-            return str(self.checkpoint), "given"
-        if resumed:
-            return None, "none: training resumed from a Trainer checkpoint"
-        return checkpoint_of(model)
+            return str(self.checkpoint), self.adapter, "given"
+        if state.global_step == 0:
+            path, source = checkpoint_of(model)
+            return path, self.adapter, source
+        folder = resumed_from(args.output_dir, state.global_step,
+                              getattr(args, "resume_from_checkpoint", None))
+        layout = saved_layout(folder) if folder is not None else None
+        if layout is None:
+            return None, self.adapter, (f"none: resumed at step {state.global_step}, and no "
+                                        "readable Trainer checkpoint of that step was found")
+        if layout == ADAPTER:  # trained adapters from the folder, the frozen base as loaded
+            return (checkpoint_of(model)[0], str(folder),
+                    f"resumed from {folder} (adapter-only save)")
+        return str(folder), self.adapter, f"resumed from {folder} ({layout} save)"

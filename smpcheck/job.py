@@ -217,7 +217,7 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
     bound = memory_bound(rank=rank, baseline=monitor.record.baseline_anon, size=size,
                          strategy=strategy.memory_strategy, world_size=world, tp_size=opts.tp,
                          sharded_over=strategy.sharded_over(world, opts.tp),
-                         slack=CUDA_SLACK if cuda else CPU_SLACK)
+                         slack=(CUDA_SLACK if cuda else CPU_SLACK) + strategy.library_slack)
     memory = verify(model, checks=["memory"], memory=(monitor.record, bound))
     judged = [r for report in (*reports, memory) for r in report.results
               if r.name not in opts.skip]  # memory's record stays in the report, unjudged

@@ -21,6 +21,8 @@ transient copies, plus this rank's measured baseline (before loading).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import resource
 import threading
@@ -109,13 +111,26 @@ class MemoryRecord:
         return max((p.peak_anon for p in self.phases), default=self.baseline_anon)
 
 
+# Libraries that accelerate and transformers import lazily whenever they are installed (deepspeed
+# from accelerator.prepare: +70 MiB anonymous per rank on CPU, measured), so a model's phase is
+# never charged for them.
+LAZY_LIBRARIES = ("deepspeed",)
+
+
 def warm_up(cuda: bool) -> None:
     """Initialise what every run pays for before a baseline is taken: the CUDA context and
-    cuBLAS (about 0.5 GiB of host memory on an H200 node) and the communicator's buffers.
+    cuBLAS (about 0.5 GiB of host memory on an H200 node), the libraries imported lazily
+    whatever the model, and the communicator's buffers.
     A bound is about the model; this is not. Collective when a process group exists."""
     import torch
     import torch.distributed as dist
 
+    for name in LAZY_LIBRARIES:  # imported anyway, mid-phase, whenever installed
+        if importlib.util.find_spec(name) is not None:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - a broken install is the library's to report
+                pass
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     probe = torch.ones(64, 64, device=device)
     probe = probe @ probe
@@ -250,6 +265,11 @@ def _holds(strategy: str, shard: float, tensor: float, unit: float) -> tuple[flo
         # FSDP1: the loaded copy, plus the flat shard built one unit at a time (measured as
         # above: 1.33-1.40x on both ranks; naive loading 1.34x)
         "accelerate-fsdp1": (1.0 + shard + unit, 1.0 + shard + unit),
+        # DeepSpeed ZeRO-3 through transformers: rank 0 reads each tensor (the files are
+        # mapped) while every rank gathers one module's partitions to receive it; after
+        # initialize, each rank holds its partitions, a flat copy of them and the optimizer's
+        # fp32 partitions (three shards), plus gathering buffers of a unit
+        "deepspeed-zero3": (3 * shard + 2 * unit + tensor, 3 * shard + 2 * unit),
     }
     if strategy not in table:
         raise ValueError(f"no memory bound for strategy {strategy!r}; known: {sorted(table)}")

@@ -60,6 +60,7 @@ class StrategyBase:
     adapters = True  # can attach PEFT adapters after loading
     adapters_under_tp = False  # its TP shards the adapters too (ours does not)
     whole_model_on_rank0 = True  # rank 0 holds the whole loaded model after "load"
+    library_slack = 0  # bytes a library the strategy imports costs whatever the model
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -88,6 +89,7 @@ class Strategy(Protocol):
     adapters: bool
     adapters_under_tp: bool
     whole_model_on_rank0: bool
+    library_slack: int
     model: nn.Module | None
 
     def unavailable(self) -> str | None:

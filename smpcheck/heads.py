@@ -43,24 +43,30 @@ def head_layout(config: Any) -> HeadLayout | None:
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads, hidden = _field(text, "num_attention_heads"), _field(text, "hidden_size")
+    fields = {name: _field(text, name) for name in
+              ("num_attention_heads", "hidden_size", "head_dim", "num_key_value_heads")}
+    if _PER_LAYER in fields.values():
+        return None  # layers differ: there is no one head arithmetic to judge by
+    heads, hidden = fields["num_attention_heads"], fields["hidden_size"]
     if not isinstance(heads, int) or not isinstance(hidden, int) or not heads:
         return None
-    head_dim = _field(text, "head_dim") or hidden // heads
-    kv_heads = _field(text, "num_key_value_heads") or heads
+    head_dim = fields["head_dim"] or hidden // heads
+    kv_heads = fields["num_key_value_heads"] or heads
     if not isinstance(head_dim, int) or not isinstance(kv_heads, int):
         return None
     return HeadLayout(heads, kv_heads, head_dim)
 
 
+_PER_LAYER = object()  # a field the config refuses to read globally
+
+
 def _field(config: Any, name: str) -> Any:
-    """A config field, or None where the config holds no single value for it: configs whose
-    layers differ (per-layer heads) refuse a global read, and then there is no one head
-    arithmetic to judge by."""
+    """A config field (None when absent), or ``_PER_LAYER`` where the config holds no single
+    value for it: configs whose layers differ refuse a global read."""
     try:
         return getattr(config, name, None)
     except Exception:  # noqa: BLE001 - transformers' per-layer configs raise their own type
-        return None
+        return _PER_LAYER
 
 
 def head_split_dims(model: nn.Module, layout: HeadLayout) -> dict[str, tuple[int, str]]:

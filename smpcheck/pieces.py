@@ -94,12 +94,17 @@ class Piece:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside FSDP1/DDP/accelerate wrappers (``.module`` chains)."""
-    while isinstance(getattr(model, "module", None), nn.Module) and (
-        type(model).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel")
-    ):
-        model = model.module
-    return model
+    """The user's model inside FSDP1/DDP/accelerate wrappers (``.module`` chains) and
+    ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``)."""
+    while True:
+        if isinstance(getattr(model, "module", None), nn.Module) and (
+                type(model).__name__ in ("FullyShardedDataParallel", "DistributedDataParallel")):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _fsdp1_handles(model: nn.Module) -> list[tuple[str, Any]]:

@@ -99,19 +99,19 @@ def test_a_constant_mask_buffer_is_not_garbage_but_nan_in_it_is(llama) -> None:
 def test_the_smoke_batch_takes_the_shape_the_model_takes() -> None:
     llama = T.AutoModelForCausalLM.from_config(FAMILIES["llama-gqa-tied"][0](
         **FAMILIES["llama-gqa-tied"][1]))
-    inputs, kwargs = smoke_batch(llama)
-    assert {k: tuple(v.shape) for k, v in inputs.items()} == {"input_ids": (1, 16)}
+    batch = smoke_batch(llama)
+    assert {k: tuple(v.shape) for k, v in batch.inputs.items()} == {"input_ids": (1, 16)}
     music = T.MusicgenForCausalLM(T.MusicgenDecoderConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
         num_codebooks=4, pad_token_id=0, bos_token_id=0))
-    inputs, kwargs = smoke_batch(music)
-    assert tuple(inputs["input_ids"].shape) == (4, 16)  # one row per codebook
-    assert music(**inputs, **kwargs).logits.shape[-1] == 64
+    batch = smoke_batch(music)
+    assert tuple(batch.inputs["input_ids"].shape) == (4, 16)  # one row per codebook
+    assert music(**batch.inputs, **batch.kwargs).logits.shape[-1] == 64
     t5 = T.T5ForConditionalGeneration(T.T5Config(vocab_size=64, d_model=32, d_ff=64,
                                                  num_layers=1, num_heads=4, d_kv=8))
-    inputs, kwargs = smoke_batch(t5)
-    assert set(inputs) == {"input_ids", "decoder_input_ids"}
-    assert t5(**inputs, **kwargs).logits.shape == (1, 16, 64)
+    batch = smoke_batch(t5)
+    assert set(batch.inputs) == {"input_ids", "decoder_input_ids"}
+    assert t5(**batch.inputs, **batch.kwargs).logits.shape == (1, 16, 64)
 
 
 class _Picky(T.LlamaForCausalLM):

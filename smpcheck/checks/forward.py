@@ -33,9 +33,8 @@ SEQUENCE = 16
 
 @dataclass
 class Prepared:
-    inputs: dict[str, torch.Tensor]  # the batch, by forward argument
+    batch: Batch
     device: torch.device
-    kwargs: dict[str, Any]
 
 
 # Errors a forward on the meta device raises once the input's shapes were accepted: values it
@@ -58,6 +57,10 @@ def _candidates(config: Any) -> list[dict[str, tuple[int, ...]]]:
     return out
 
 
+def _words(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _probe(fresh: torch.nn.Module | None, shapes: dict[str, tuple[int, ...]],
            kwargs: dict[str, Any]) -> str | None:
     """Why the model's own forward rejects inputs of these shapes (None: it takes them, as
@@ -69,20 +72,30 @@ def _probe(fresh: torch.nn.Module | None, shapes: dict[str, tuple[int, ...]],
         with torch.no_grad(), eval_mode(fresh):
             fresh(**inputs, **kwargs)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        words = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        words = _words(exc)
         return None if any(limit in words for limit in _META_LIMITS) else words
     except Exception:  # noqa: BLE001 - an op meta cannot run says nothing of the input
         return None
     return None
 
 
-def smoke_batch(model: torch.nn.Module | None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
-    """The fixed batch (inputs by argument, and keywords) every rank feeds, or why none fits.
+@dataclass
+class Batch:
+    """The smoke batch, and what the model's own forward (on its meta skeleton) said of it."""
 
-    The shapes come from the model: each candidate is tried on the model's own forward on
-    its meta skeleton, and the first it takes is used. When it takes none, the unwrapped
-    model would fail too: that is a skip naming the model's own error, never a failure."""
+    inputs: dict[str, torch.Tensor]  # by forward argument
+    kwargs: dict[str, Any]
+    rejection: str | None = None  # the meta forward's error when no candidate passed it
+
+
+def smoke_batch(model: torch.nn.Module | None) -> Batch | str:
+    """The fixed batch every rank feeds, or why none can be built.
+
+    The shapes come from the model: each candidate is tried on the model's own forward on its
+    meta skeleton, and the first it takes is used. When it takes none (the meta forward may
+    also stop on what meta cannot compute), the first is used with its rejection kept: if the
+    wrapped forward then raises the same error, the unwrapped model fails the same way, which
+    is a skip naming its error, never a failure."""
     config = getattr(model, "config", None)
     if config is None:
         return "not a transformers model: no config to build an input from"
@@ -92,16 +105,12 @@ def smoke_batch(model: torch.nn.Module | None
         return "the config names no vocabulary to draw input ids from"
     kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
     fresh = skeleton(model)
-    rejected = []
-    for shapes in _candidates(config):
-        why = _probe(fresh, shapes, kwargs)
-        if why is None:
-            generator = torch.Generator().manual_seed(0)
-            return {k: torch.randint(0, vocab, v, generator=generator)
-                    for k, v in shapes.items()}, kwargs
-        rejected.append(f"{shapes}: {why}")
-    return ("the model's own forward (tried unwrapped, on its meta skeleton) takes none of the "
-            f"smoke inputs built from its config: {'; '.join(rejected)}")
+    candidates = _candidates(config)
+    verdicts = [(shapes, _probe(fresh, shapes, kwargs)) for shapes in candidates]
+    shapes, why = next(((s, w) for s, w in verdicts if w is None), verdicts[0])
+    generator = torch.Generator().manual_seed(0)
+    return Batch({k: torch.randint(0, vocab, v, generator=generator)
+                  for k, v in shapes.items()}, kwargs, why)
 
 
 def _on(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -116,10 +125,12 @@ def reference_outputs(model: torch.nn.Module) -> list[float] | None:
     batch = smoke_batch(model)
     if isinstance(batch, str):
         return None
-    inputs, kwargs = batch
     device = next(p.device for p in model.parameters())
     with eval_mode(model):
-        return _sample(_logits(model(**_on(inputs, device), **kwargs)))
+        try:
+            return _sample(_logits(model(**_on(batch.inputs, device), **batch.kwargs)))
+        except Exception:  # noqa: BLE001 - no reference: the forward check judges the model
+            return None
 
 
 @dataclass
@@ -176,21 +187,26 @@ class ForwardSmoke:
         device = next((p.device for p in ctx.model.parameters() if not p.is_meta), None)
         if device is None:
             return Skip("every parameter is on the meta device (see initialised)")
-        return Prepared(batch[0], device, batch[1])
+        return Prepared(batch, device)
 
     def collective(self, ctx: CheckContext, prepared: Prepared) -> Outputs | LocalFindings:
+        batch = prepared.batch
         with torch.no_grad(), eval_mode(ctx.model):
             try:
-                logits = _logits(ctx.model(**_on(prepared.inputs, prepared.device),
-                                           **prepared.kwargs))
+                logits = _logits(ctx.model(**_on(batch.inputs, prepared.device),
+                                           **batch.kwargs))
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                if batch.rejection == _words(exc):  # the unwrapped model fails the same way
+                    return Skip("the model's own forward (unwrapped, on its meta skeleton) "
+                                "rejects every smoke input built from its config, as the "
+                                f"wrapped one does: {batch.rejection}")
                 return forward_error(ctx, exc, "the wrapped model's forward")
             dense = ctx.options.get("reference_outputs")
             if ctx.dense_model is not None:
                 device = next(ctx.dense_model.parameters()).device
                 with eval_mode(ctx.dense_model):
-                    dense = _sample(_logits(ctx.dense_model(**_on(prepared.inputs, device),
-                                                            **prepared.kwargs)))
+                    dense = _sample(_logits(ctx.dense_model(**_on(batch.inputs, device),
+                                                            **batch.kwargs)))
         if hasattr(logits, "full_tensor"):  # a DTensor output: what the training loop sees
             logits = logits.to_local()
         return Outputs(tuple(logits.shape), int((~torch.isfinite(logits)).sum()),

@@ -36,6 +36,8 @@ TOLERANCES = {
 }
 HEAD_HINT = ("each TP rank must hold whole attention heads: use a TP degree that divides the "
              "number of (KV) heads, or replicate the KV heads")
+WRAP_HINT = ("FSDP refused the wrapping the forward met: follow its message (modules that "
+             "share a parameter must be wrapped in one fully_shard call, or left to the root)")
 FORWARD_HINT = ("a shard splits a dimension the forward reshapes (an attention head?): see "
                 "tp_shards; use a TP degree that divides the heads")
 
@@ -117,8 +119,9 @@ class Batch:
 def forward_error(ctx: CheckContext, exc: Exception, what: str) -> LocalFindings:
     """A forward that raised, as a finding about the model (not an error of the check)."""
     line = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    hint = WRAP_HINT if "FSDP" in line else FORWARD_HINT
     return LocalFindings([Finding("(forward pass)", [ctx.rank], f"{what} raised {line}: the "
-                                  "model cannot run one step", hint=FORWARD_HINT)],
+                                  "model cannot run one step", hint=hint)],
                          "the forward pass")
 
 

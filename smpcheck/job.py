@@ -203,7 +203,8 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
         dense = _dense_model(opts, strategy, size.total)
         arguments = dict(checkpoint=opts.source.path, dense_model=dense,
                          adapter=opts.adapter_dir, config_overrides=opts.config_overrides,
-                         reference_outputs=reference)
+                         reference_outputs=reference,
+                         optimizer=getattr(strategy, "optimizer", None))
         reports = []
         for phase_name, phase_checks in ((CHECK, CHECKS), (FORWARD, FORWARD_CHECKS)):
             checks = [c for c in phase_checks if c not in opts.skip]

@@ -56,6 +56,7 @@ def verify(
     memory: tuple[MemoryRecord, Bound] | None = None,
     environment_extra: dict[str, Any] | None = None,
     adapter_complete: bool = False,
+    optimizer: Any = None,
 ) -> Report:
     """Check a wrapped model on every rank and return the same :class:`Report` everywhere.
 
@@ -83,6 +84,8 @@ def verify(
         adapter_complete: the adapter directory was just saved from this model, so every
             adapter tensor must be in its file (a missing one is an error, not a fresh init):
             see :func:`smpcheck.verify_saved`.
+        optimizer: the optimizer training will step (DeepSpeed's ZeRO optimizers): its fp32
+            master weights must equal the parameters they master.
 
     Returns:
         The report; ``report.ok`` is False when any check failed or errored.
@@ -107,6 +110,7 @@ def verify(
         dense_model,
         process_group,
         {**({"memory": memory} if memory else {}),
+         **({"optimizer": optimizer} if optimizer is not None else {}),
          **({"reference_outputs": reference_outputs} if reference_outputs else {})},
         adapter=Path(adapter) if adapter else None,
         config_overrides=dict(config_overrides or {}),

@@ -57,7 +57,9 @@ def verify_zero(path: str, stage: int, fault: str) -> dict:
         corrupt(held.data, "epsilon")
     elif fault == "garbage" and dist.get_rank() == 1:
         corrupt(held.data, "garbage")
-    out = _statuses(smpcheck.verify(model, checkpoint=path))
+    elif fault == "behind-optimizer":  # weights loaded after the optimizer built its masters
+        corrupt(held.data, "epsilon")
+    out = _statuses(smpcheck.verify(model, checkpoint=path, optimizer=engine.optimizer))
     out["piece"] = (held.kind, held.flat_range, tuple(held.data.shape), held.full_shape)
     return out
 
@@ -68,7 +70,7 @@ def test_correct_zero_models_pass(ranks, checkpoints, stage) -> None:
     assert out[0]["initialised"] == out[1]["initialised"]
     report = out[0]
     for name in ("preflight", "config_parity", "initialised", "rank_parity",
-                 "checkpoint_parity", "coverage", "forward"):
+                 "checkpoint_parity", "coverage", "masters", "forward"):
         assert report[name][0] == "pass", (name, report[name])
     if stage == 3:  # each rank holds half the flattened tensor, its padding excluded
         kinds = [o["piece"] for o in out]
@@ -94,6 +96,15 @@ def test_a_fault_in_every_ranks_copy_is_named_on_every_rank(ranks, checkpoints) 
     # Replicas share the reading (one compares, rank parity proves the others equal it).
     assert status == "fail" and [tensor for tensor, _ in errors] == [TARGET]
     assert out[0]["rank_parity"][0] == "pass"  # rank parity alone cannot see it
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_weights_changed_behind_the_optimizer_fail_its_masters(ranks, checkpoints,
+                                                                stage) -> None:
+    out = ranks(verify_zero, 2, args=(str(checkpoints["llama-gqa-untied"]), stage,
+                                      "behind-optimizer"))
+    status, errors, _ = out[0]["masters"]
+    assert status == "fail" and {tensor for tensor, _ in errors} == {TARGET}, out[0]["masters"]
 
 
 def test_garbage_in_a_zero3_partition_fails_initialised(ranks, checkpoints) -> None:

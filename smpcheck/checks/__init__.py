@@ -9,6 +9,7 @@ from smpcheck.checks.coverage import Coverage
 from smpcheck.checks.forward import ForwardSmoke
 from smpcheck.checks.fresh_init import FreshInit
 from smpcheck.checks.initialised import Initialised
+from smpcheck.checks.masters import Masters
 from smpcheck.checks.memory import MemoryCheck
 from smpcheck.checks.preflight import Preflight
 from smpcheck.checks.rank_parity import RankParity
@@ -24,6 +25,7 @@ ALL_CHECKS: dict[str, type[AnyCheck]] = {
         CheckpointParity,
         Coverage,
         FreshInit,
+        Masters,
         TPShards,
         ForwardSmoke,
         TPNumerics,

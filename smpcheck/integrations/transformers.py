@@ -102,7 +102,7 @@ class SmpcheckCallback(TrainerCallback):
         checkpoint, adapter, source = self._expected_for(model, args, state)
         held = wrapping(model)
         report, seconds = timed_verify(model, checkpoint=checkpoint, checks=self.checks,
-                                       adapter=adapter,
+                                       adapter=adapter, optimizer=kwargs.get("optimizer"),
                                        config_overrides=self.config_overrides,
                                        environment_extra={
                                            "integration": "transformers.Trainer",

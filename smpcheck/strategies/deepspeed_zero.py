@@ -41,6 +41,7 @@ class _DeepSpeedZero(StrategyBase):
     def __init__(self) -> None:
         super().__init__()
         self._hf_config: Any = None  # must outlive from_pretrained: transformers holds a weakref
+        self.optimizer: Any = None
 
     def unavailable(self) -> str | None:
         try:
@@ -65,6 +66,7 @@ class _DeepSpeedZero(StrategyBase):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
         self.model = engine.module  # what the training loop's forward runs, partitions inside
+        self.optimizer = engine.optimizer  # its fp32 masters are judged by the masters check
         yield WRAP
 
 

@@ -42,3 +42,25 @@ def _judging_files() -> list[Path]:
 @pytest.mark.parametrize("path", _judging_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_checks_never_import_reference_impl(path: Path) -> None:
     assert "reference_impl" not in imported_packages(path)
+
+
+def _smpcheck_modules(path: Path) -> set[str]:
+    """The smpcheck modules ``path`` imports, as ``smpcheck.<part>`` (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                "smpcheck."):
+            names.add(".".join(node.module.split(".")[:2]))
+    return names
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("smpcheck/checks", {"smpcheck.strategies", "smpcheck.job", "smpcheck.cli"}),
+    ("smpcheck/report", {"smpcheck.checks", "smpcheck.strategies", "smpcheck.job"}),
+    ("smpcheck/strategies", {"smpcheck.checks"}),
+])
+def test_folders_import_only_downstream(folder: str, forbidden: set[str]) -> None:
+    """The judging parts never reach up into the layer that runs a recipe, and the report
+    never into the checks that fill it (docs/architecture.md's import table)."""
+    for path in _files(folder):
+        assert not _smpcheck_modules(path) & forbidden, path

@@ -36,25 +36,27 @@ def deepspeed_config(stage: int) -> dict:
 
 
 def training_args(out: str, *, fsdp_version: int, cpu: bool, max_steps: int,
-                  deepspeed_stage: int | None = None) -> TrainingArguments:
+                  deepspeed_stage: int | None = None,
+                  save_steps: int | None = None) -> TrainingArguments:
     """FSDP through the Trainer's own ``fsdp_config``, or DeepSpeed ZeRO through its
     ``deepspeed`` argument: what users write today."""
     sharding = ({"deepspeed": deepspeed_config(deepspeed_stage)} if deepspeed_stage else
                 {"fsdp": True, "fsdp_config": {"version": fsdp_version}})
     return TrainingArguments(
         output_dir=out, max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-4,
-        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        report_to=[], logging_steps=1, disable_tqdm=True,
         use_cpu=cpu, ddp_backend="gloo" if cpu else None, **sharding,
     )
 
 
 def build_trainer(model_path: str, out: str, *, fsdp_version: int = 2, cpu: bool = False,
                   max_steps: int = 2, callbacks: Sequence = (),
-                  deepspeed_stage: int | None = None) -> Trainer:
+                  deepspeed_stage: int | None = None, save_steps: int | None = None) -> Trainer:
     # Before from_pretrained: under ZeRO-3 the arguments make it build the model inside
     # deepspeed.zero.Init, each rank holding only its partition.
     args = training_args(out, fsdp_version=fsdp_version, cpu=cpu, max_steps=max_steps,
-                         deepspeed_stage=deepspeed_stage)
+                         deepspeed_stage=deepspeed_stage, save_steps=save_steps)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_path)
     loaded = time.perf_counter()

@@ -201,7 +201,28 @@ def _write(out: Path, mode: str, data: dict[str, Any]) -> None:
     (out / f"{mode}-rank{dist.get_rank()}.json").write_text(json.dumps(data, default=str))
 
 
+def trainer_resume(checkpoint: str, out: Path, version: int) -> dict[str, Any]:
+    """Train one step saving a checkpoint (every save checked), then resume from it as users
+    do (``train(resume_from_checkpoint=True)``): the resumed model is compared with the
+    checkpoint it resumed from, not with the base model it was first loaded from."""
+    enable_fsdp_on_cpu()
+    saves = SmpcheckCallback(check_saves=True, report_dir=out / "reports-first")
+    first = trainer_fsdp.build_trainer(checkpoint, str(out / "run"), fsdp_version=version,
+                                       cpu=True, max_steps=1, save_steps=1, callbacks=[saves])
+    first.train()
+    resumed = SmpcheckCallback(report_dir=out / "reports-resumed")
+    second = trainer_fsdp.build_trainer(checkpoint, str(out / "run"), fsdp_version=version,
+                                        cpu=True, max_steps=2, callbacks=[resumed])
+    second.train(resume_from_checkpoint=True)
+    report = resumed.report
+    return {"saves": [(r.ok, r.environment.get("saved_layout")) for r in saves.saves],
+            "source": report.environment["checkpoint_source"],
+            "parity": report.result("checkpoint_parity").status.value,
+            "steps": second.state.global_step}
+
+
 MODES = {"trainer-fault": trainer_fault, "trainer-collectives": trainer_collectives,
+         "trainer-resume": trainer_resume,
          "accelerate-fault": accelerate_fault}
 
 if __name__ == "__main__":

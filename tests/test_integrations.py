@@ -96,6 +96,21 @@ def test_trainer_stops_every_rank_before_the_first_step_on_a_planted_fault(
     assert_sharded(report["environment"], f"fsdp{version}")
 
 
+@needs_accelerate_fsdp
+def test_trainer_checks_its_save_then_compares_the_resume_with_that_checkpoint(
+        checkpoints, tmp_path) -> None:
+    """A real Trainer under FSDP2: one step with a save (checked on the save event), then
+    ``train(resume_from_checkpoint=True)``: the resumed model is compared with checkpoint-1
+    (its weights moved a step from the base model, so passing means it was loaded)."""
+    out = launch([*TORCHRUN, str(DRIVER), "trainer-resume", str(checkpoints["llama-gqa-untied"]),
+                  str(tmp_path), "2"], tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for result in per_rank(tmp_path, "trainer-resume"):
+        assert result["saves"] == [[True, "full"]], result
+        assert result["source"] == f"resumed from {tmp_path / 'run' / 'checkpoint-1'} (full save)"
+        assert result["parity"] == "pass" and result["steps"] == 2, result
+
+
 def test_trainer_under_deepspeed_zero3_is_checked_then_trains(checkpoints, tmp_path) -> None:
     """``TrainingArguments(deepspeed=...)`` with ZeRO-3: the same one-line callback judges
     each rank's partitions (half of every parameter), then training goes on."""

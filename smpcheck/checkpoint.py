@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def model_names(keys: list[str], model: nn.Module | None) -> tuple[dict[str, str
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None)
-    meta = dict.fromkeys(_state_dict_names(model), True)
+    meta = dict.fromkeys(state_dict_names(model), True)
     names, fused = {}, set()
     for key in sorted(keys, key=dot_natural_key):
         name, pattern = rename_source_key(key, renamings, converters, prefix, meta)
@@ -121,7 +122,7 @@ def model_names(keys: list[str], model: nn.Module | None) -> tuple[dict[str, str
     return names, fused
 
 
-def _state_dict_names(model: nn.Module) -> list[str]:
+def state_dict_names(model: nn.Module) -> list[str]:
     """The names ``model.state_dict()`` would have, without calling it (a wrapped model's
     state dict may be a collective): parameters and persistent buffers, ties included."""
     out = []
@@ -131,6 +132,55 @@ def _state_dict_names(model: nn.Module) -> list[str]:
         out += [prefix + n for n, b in module._buffers.items()
                 if b is not None and n not in module._non_persistent_buffers_set]
     return list(dict.fromkeys(out))
+
+
+def key_in(by_model_name: dict[str, str], name: str, prefix: str = "") -> str | None:
+    """The checkpoint key holding model tensor ``name``, trying it with and without the
+    base-model ``prefix`` (a head class's names against a base model's checkpoint)."""
+    for candidate in (name, name.removeprefix(prefix), prefix + name):
+        if candidate in by_model_name:
+            return by_model_name[candidate]
+    return None
+
+
+def size_by_unit(tensors: Iterable[tuple[str, int]]) -> ModelSize:
+    """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all that
+    is outside the layers) of ``(key, bytes)`` pairs."""
+    units: dict[str, int] = {}
+    largest = 0
+    for key, nbytes in tensors:
+        largest = max(largest, nbytes)
+        match = _LAYER.search(key)
+        unit = match.group(0) if match else "outside the layers"
+        units[unit] = units.get(unit, 0) + nbytes
+    return ModelSize(sum(units.values()), largest, max(units.values(), default=0))
+
+
+def hash_samples(hasher: Any, files: list[Path], samples: int, block: int,
+                 header: Callable[[Any, int], bytes] | None = None) -> int:
+    """Hash every file's name, size and ``header`` (read from its open handle), and
+    ``samples`` blocks of ``block`` bytes at the same offsets of the data wherever it runs
+    (small files: the blocks tile them whole). Returns the bytes read."""
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    block = min(block, -(-total // samples)) if total else 0
+    offsets = [total * i // samples for i in range(samples)]
+    start, read = 0, 0
+    for file, size in zip(files, sizes):
+        with open(file, "rb") as handle:
+            head = header(handle, size) if header is not None else b""
+            hasher.update(f"{file.name}|{size}|".encode() + head)
+            read += len(head)
+            for offset in (o - start for o in offsets if start <= o < start + size):
+                handle.seek(offset)
+                hasher.update(handle.read(block))
+                read += block
+        start += size
+    return read
+
+
+def _safetensors_header(handle: Any, size: int) -> bytes:
+    return handle.read(8 + int.from_bytes(handle.read(8), "little")) if size >= 8 else b""
 
 
 class Checkpoint:
@@ -165,10 +215,7 @@ class Checkpoint:
 
     def key_for(self, name: str, prefix: str = "") -> str | None:
         """The checkpoint key holding model tensor ``name`` (trying the base-model prefix)."""
-        for candidate in (name, name.removeprefix(prefix), prefix + name):
-            if candidate in self.by_model_name:
-                return self.by_model_name[candidate]
-        return None
+        return key_in(self.by_model_name, name, prefix)
 
     def shape(self, key: str) -> list[int]:
         """A tensor's shape, from its file's header (nothing read)."""
@@ -203,37 +250,17 @@ class Checkpoint:
         checkpoint smaller than the samples is hashed whole). What it read is counted in
         ``fingerprint_bytes``, apart from the comparisons' ``bytes_read``."""
         hasher = xxhash.xxh3_128()
-        files = sorted(set(self.files.values()))
-        sizes = [f.stat().st_size for f in files]
-        total = sum(sizes)
-        block = min(block, -(-total // samples))  # small files: the blocks tile them whole
-        offsets = [total * i // samples for i in range(samples)]
-        start = 0
-        for file, size in zip(files, sizes):
-            with open(file, "rb") as handle:
-                header = handle.read(8 + int.from_bytes(handle.read(8), "little")) if size >= 8 \
-                    else b""
-                hasher.update(f"{file.name}|{size}|".encode() + header)
-                for offset in (o - start for o in offsets if start <= o < start + size):
-                    handle.seek(offset)
-                    hasher.update(handle.read(block))
-            self.fingerprint_bytes += len(header) + block * sum(start <= o < start + size
-                                                                for o in offsets)
-            start += size
+        self.fingerprint_bytes += hash_samples(hasher, sorted(set(self.files.values())),
+                                               samples, block, _safetensors_header)
         return hasher.hexdigest()
 
     def sizes(self, dtype: torch.dtype | None = None) -> ModelSize:
         """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all
         that is outside the layers), from the headers alone (as ``dtype`` when given)."""
-        units: dict[str, int] = {}
-        largest = 0
-        for key, file in self.files.items():
+        def stored(key: str, file: Path) -> int:
             piece = self._handle(file).get_slice(key)
-            numel = math.prod(piece.get_shape())
-            nbytes = numel * (dtype.itemsize if dtype is not None else
-                              _STORED_BYTES.get(piece.get_dtype(), 4))
-            largest = max(largest, nbytes)
-            match = _LAYER.search(key)
-            unit = match.group(0) if match else "outside the layers"
-            units[unit] = units.get(unit, 0) + nbytes
-        return ModelSize(sum(units.values()), largest, max(units.values(), default=0))
+            itemsize = dtype.itemsize if dtype is not None else _STORED_BYTES.get(
+                piece.get_dtype(), 4)
+            return math.prod(piece.get_shape()) * itemsize
+
+        return size_by_unit((key, stored(key, file)) for key, file in self.files.items())

@@ -46,13 +46,15 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from smpcheck.checkpoint import (
-    _LAYER,
     FINGERPRINT_BLOCK,
     FINGERPRINT_SAMPLES,
     Checkpoint,
     CheckpointError,
-    _state_dict_names,
+    hash_samples,
+    key_in,
     model_names,
+    size_by_unit,
+    state_dict_names,
 )
 from smpcheck.memory import ModelSize
 from smpcheck.selection import Box
@@ -148,10 +150,7 @@ class DcpCheckpoint:
 
     def key_for(self, name: str, prefix: str = "") -> str | None:
         """The checkpoint key holding model tensor ``name`` (trying the base-model prefix)."""
-        for candidate in (name, name.removeprefix(prefix), prefix + name):
-            if candidate in self.by_model_name:
-                return self.by_model_name[candidate]
-        return None
+        return key_in(self.by_model_name, name, prefix)
 
     def shape(self, key: str) -> list[int]:
         """A tensor's global shape, from ``.metadata`` (nothing read)."""
@@ -220,34 +219,15 @@ class DcpCheckpoint:
         header = (self.folder / METADATA).read_bytes()
         hasher.update(f"{METADATA}|{len(header)}|".encode() + header)
         self.fingerprint_bytes += len(header)
-        files = sorted(self._storage_sizes)
-        sizes = [(self.folder / f).stat().st_size for f in files]
-        total = sum(sizes)
-        block = min(block, -(-total // samples)) if total else 0
-        offsets = [total * i // samples for i in range(samples)]
-        start = 0
-        for file, size in zip(files, sizes):
-            hasher.update(f"{file}|{size}|".encode())
-            with open(self.folder / file, "rb") as handle:
-                for offset in (o - start for o in offsets if start <= o < start + size):
-                    handle.seek(offset)
-                    hasher.update(handle.read(block))
-                    self.fingerprint_bytes += block
-            start += size
+        self.fingerprint_bytes += hash_samples(
+            hasher, [self.folder / f for f in sorted(self._storage_sizes)], samples, block)
         return hasher.hexdigest()
 
     def sizes(self, dtype: torch.dtype | None = None) -> ModelSize:
         """Parameter bytes, largest tensor and largest FSDP unit (a numbered layer, or all
         that is outside the layers), from ``.metadata`` alone (as ``dtype`` when given)."""
-        units: dict[str, int] = {}
-        largest = 0
-        for key, md in self._tensors.items():
-            nbytes = math.prod(md.size) * (dtype or md.properties.dtype).itemsize
-            largest = max(largest, nbytes)
-            match = _LAYER.search(key)
-            unit = match.group(0) if match else "outside the layers"
-            units[unit] = units.get(unit, 0) + nbytes
-        return ModelSize(sum(units.values()), largest, max(units.values(), default=0))
+        return size_by_unit((key, math.prod(md.size) * (dtype or md.properties.dtype).itemsize)
+                            for key, md in self._tensors.items())
 
 
 def _read_metadata(folder: Path) -> Metadata:
@@ -322,7 +302,7 @@ def _model_level(fqns: list[str], paths: dict[str, Any], model: nn.Module | None
                              for f in fqns) else ""
     if model is None:
         return ""
-    names = set(_state_dict_names(model))
+    names = set(state_dict_names(model))
     stripped = sum(fqn[len(prefix):] in names for fqn in fqns)
     return prefix if stripped > sum(fqn in names for fqn in fqns) else ""
 
@@ -331,7 +311,7 @@ def _by_model_name(keys: list[str], model: nn.Module | None) -> dict[str, str]:
     """Model name -> key. A key that is already one of the model's state-dict names (a state
     dict saved from the live model) stands for itself; the others go through transformers'
     own renames (:func:`~smpcheck.checkpoint.model_names`), fused ones left unmapped."""
-    own = set(_state_dict_names(model)) if model is not None else set(keys)
+    own = set(state_dict_names(model)) if model is not None else set(keys)
     out = {key: key for key in keys if key in own}
     rest = [key for key in keys if key not in own]
     if rest:

@@ -116,6 +116,18 @@ class Batch:
     dtype: torch.dtype
 
 
+def _take_grads(*models: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """The gradients the caller's parameters hold, taken off them so that the numerics
+    backward starts from none (and gives them back after: the model is left as it was)."""
+    kept = []
+    for model in models:
+        for param in model.parameters():
+            if param.grad is not None:
+                kept.append((param, param.grad))
+                param.grad = None
+    return kept
+
+
 def forward_error(ctx: CheckContext, exc: Exception, what: str) -> LocalFindings:
     """A forward that raised, as a finding about the model (not an error of the check)."""
     line = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -140,6 +152,19 @@ class TPNumerics:
         return Batch(ids, model_device, dense_device, _model_dtype(ctx.inner))
 
     def collective(self, ctx: CheckContext, batch: Batch) -> LocalFindings:
+        from smpcheck.checks.forward import training_forward_memory  # forward imports this
+
+        kept = _take_grads(ctx.model, ctx.dense_model)  # the caller's, given back after
+        try:
+            with training_forward_memory(ctx.model):
+                return self._compare(ctx, batch)
+        finally:
+            ctx.model.zero_grad(set_to_none=True)
+            ctx.dense_model.zero_grad(set_to_none=True)
+            for param, grad in kept:
+                param.grad = grad
+
+    def _compare(self, ctx: CheckContext, batch: Batch) -> LocalFindings:
         ids = batch.ids
         try:
             out = ctx.model(input_ids=ids.to(batch.model_device),
@@ -151,18 +176,9 @@ class TPNumerics:
                               labels=ids.to(batch.dense_device))
         ref.loss.backward()
         atol, rtol = TOLERANCES.get(batch.dtype, (1e-4, 1e-4))
-        checks = [("logits", out.logits, ref.logits), ("loss", out.loss, ref.loss)]
-        dense_params = dict(ctx.dense_model.named_parameters())
-        for name, param in named_tensors(ctx.model):
-            want = dense_params.get(name)
-            if (isinstance(param, torch.nn.Parameter) and param.grad is not None
-                    and want is not None and want.grad is not None):
-                grad = param.grad
-                grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-                if grad.shape == want.grad.shape:
-                    checks.append((f"{name}.grad", grad, want.grad))
-        findings = []
-        for what, seen, want in checks:
+        findings: list[Finding] = []
+
+        def compare(what: str, seen: torch.Tensor, want: torch.Tensor) -> None:
             seen, want = seen.detach().float().cpu(), want.detach().float().cpu()
             if not torch.allclose(seen, want, atol=atol, rtol=rtol):
                 diff = (seen - want).abs().max().item()
@@ -172,9 +188,22 @@ class TPNumerics:
                                         "something else than the dense model: a shard holds "
                                         "the wrong slice or a collective is missing; see "
                                         "tp_shards"))
-        ctx.model.zero_grad(set_to_none=True)
-        ctx.dense_model.zero_grad(set_to_none=True)
-        graded = len(checks) - 2
+
+        compare("logits", out.logits, ref.logits)
+        compare("loss", out.loss, ref.loss)
+        del out, ref
+        dense_params = dict(ctx.dense_model.named_parameters())
+        graded = 0
+        for name, param in named_tensors(ctx.model):  # one gathered gradient at a time
+            want = dense_params.get(name)
+            if (isinstance(param, torch.nn.Parameter) and param.grad is not None
+                    and want is not None and want.grad is not None):
+                grad = param.grad
+                grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+                if grad.shape == want.grad.shape:
+                    compare(f"{name}.grad", grad, want.grad)
+                    graded += 1
+                del grad
         grads = (f"{graded} gradients" if graded else "no gradients (this wrapper keeps them "
                  "flat: FSDP1)")
         return LocalFindings(findings, f"logits, loss and {grads} vs the dense model "

@@ -60,6 +60,39 @@ def _files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def file_identities(path: str | Path) -> dict[str, tuple[int, int, int]]:
+    """``{file name: (size, mtime_ns, inode)}`` of a checkpoint's files: what changes when a
+    file is truncated, rewritten, replaced by a rename or deleted, at the cost of a ``stat``."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    identities = {}
+    for file in files:
+        st = file.stat()
+        identities[file.name] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return identities
+
+
+def changed_files(before: dict[str, tuple[int, int, int]],
+                  path: str | Path) -> list[tuple[str, str]]:
+    """How the checkpoint at ``path`` differs from ``before``: ``(file, what happened)``."""
+    try:
+        after = file_identities(path)
+    except OSError:
+        return [(str(path), "is gone")]
+    changes = []
+    for name, (size, mtime, inode) in before.items():
+        now = after.get(name)
+        if now is None:
+            changes.append((name, "is gone"))
+        elif now[2] != inode:
+            changes.append((name, "was replaced (another file now has its name)"))
+        elif now[0] != size:
+            changes.append((name, f"changed size from {size} to {now[0]} bytes"))
+        elif now[1] != mtime:
+            changes.append((name, "was rewritten"))
+    return changes
+
+
 def _keys_of(file: Path) -> list[str]:
     try:
         with safe_open(str(file), framework="pt") as handle:

@@ -218,50 +218,120 @@ def _run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, opts, stem: str) -> int:
     """Self-launch the ranks; a failed run ends in one sentence on stderr, the launcher's own
-    messages go to the log beside the report."""
+    messages go to the log beside the report. When no rank could write a report (a rank
+    killed by a signal, a timeout, the job preempted), this process writes one, from the
+    launcher's record of how each rank ended and where each last said it was."""
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from smpcheck import faults
     from smpcheck.launch import held_launcher_logs, self_launch
 
+    faults.arm_launcher(args.report_dir)
+    _quiet_resource_tracker()
     started = time.time()
-    with held_launcher_logs() as launcher_lines:
-        try:
-            codes = self_launch(args.nproc_per_node, rank_entry,
-                                (opts, args.report_dir, stem, args.timeout,
-                                 args.rendezvous_timeout, started + args.timeout))
-        except ChildFailedError as exc:
-            failures = exc.failures
-        else:
-            return max(codes.values())
+    with tempfile.TemporaryDirectory(prefix="smpcheck-run-") as state:
+        with held_launcher_logs() as launcher_lines:
+            try:
+                codes = self_launch(args.nproc_per_node, rank_entry,
+                                    (opts, args.report_dir, stem, args.timeout,
+                                     args.rendezvous_timeout, started + args.timeout), state)
+            except ChildFailedError as exc:
+                ending = _ending_of_failed_ranks(args, exc.failures, state)
+            except SignalException as exc:  # this process was signalled: preempted, cancelled
+                ending = _ending_of_signalled_job(exc.sigval, state)
+            else:
+                return max(codes.values())
+        return _end_failed_launch(args, opts, stem, ending, started, launcher_lines, state)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with its stderr on /dev/null: a rank killed
+    by a signal cannot release its semaphores, and the tracker (which releases them) would
+    warn of the leak after the run's closing sentence."""
+    from multiprocessing import resource_tracker
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _end_failed_launch(args: argparse.Namespace, opts, stem: str, ending, started: float,
+                       launcher_lines: list[str], state: str) -> int:
+    """The closing sentence and, if no rank wrote one, the report of a failed launch."""
+    from smpcheck import endings
+
+    if ending.code == endings.EXIT_NO_REPORT:
+        return ending.code  # rank 0 finished, said its verdict and why it wrote no report
     log = Path(args.report_dir) / f"{stem}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)  # no report yet when no rank got that far
-    with log.open("a") as out:
-        out.write("\n--- the launcher (torch elastic)\n" + "\n".join(launcher_lines) + "\n")
     json_path = Path(args.report_dir) / f"{stem}.json"
-    if not (json_path.exists() and json_path.stat().st_mtime >= started):
-        print(f"smpcheck: {_launcher_sentence(args, failures, log)}", file=sys.stderr)
-    return 1  # else rank 0 wrote the report and said what failed
+    if json_path.exists() and json_path.stat().st_mtime >= started:
+        _append_launcher_log(log, launcher_lines, state)
+        return ending.code  # rank 0 wrote the report and said what failed
+    written = _write_launcher_report(opts, args.nproc_per_node, stem, ending, log,
+                                     launcher_lines, state)
+    print(f"smpcheck: {ending.sentence}; {written}", file=sys.stderr, flush=True)
+    return ending.code
 
 
-def _launcher_sentence(args: argparse.Namespace, failures: dict, log: Path) -> str:
-    """What went wrong when no rank wrote a report, from the launcher's record of the ranks
-    that exited: a timeout, or the failure that is not a peer losing its connection to the
-    failed rank (among equals, the earliest)."""
-    from smpcheck.failures import is_peer_loss
-    from smpcheck.launch import TIMED_OUT
+def _ending_of_failed_ranks(args: argparse.Namespace, failures: dict, state: str):
+    from smpcheck import endings
+    from smpcheck.launch import silent_ranks
+    from smpcheck.whereabouts import last_known
 
-    timed_out = sorted(r for r, f in failures.items() if f.exitcode == TIMED_OUT)
-    if timed_out:
-        return (f"ranks {timed_out} were still running after --timeout {args.timeout:.0f} s "
-                "and were stopped; each rank's stack is printed above")
-    rank, failure = min(failures.items(), key=lambda item: (
-        is_peer_loss(str(item[1].message)), item[1].timestamp, item[0]))
-    message = failure.message
-    if isinstance(message, dict):  # the error file @record wrote: {'message': ..., ...}
-        message = message.get("message", "")
-    first = next((line for line in str(message).splitlines() if line.strip()), "")
-    return (f"rank {rank} failed (exit code {failure.exitcode}) before a report was written: "
-            f"{first or 'see its output above'}; the launcher's messages are in {log}")
+    log = Path(args.report_dir) / f"{_stem(args.strategy, args.tp)}.log"
+    return endings.of_failed_ranks(failures, last_known(state), silent_ranks(state),
+                                   args.timeout, str(log))
+
+
+def _ending_of_signalled_job(signum: int, state: str):
+    from smpcheck import endings
+    from smpcheck.whereabouts import last_known
+
+    return endings.of_signalled_job(signum, last_known(state))
+
+
+def _append_launcher_log(log: Path, lines: list[str], state: str) -> None:
+    """The stacks of the ranks SIGTERM stopped, then the launcher's own messages, at the end
+    of the log beside the report (if it can be written at all)."""
+    from smpcheck.launch import sigterm_stacks
+
+    stacks = "".join(f"\n--- rank {rank}'s stack when SIGTERM stopped it\n{text}\n"
+                     for rank, text in sigterm_stacks(state).items())
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            out.write(stacks + "\n--- the launcher (torch elastic)\n" + "\n".join(lines)
+                      + "\n")
+    except OSError:
+        pass
+
+
+def _write_launcher_report(opts, world: int, stem: str, ending, log: Path,
+                           lines: list[str], state: str) -> str:
+    """The report of a run no rank could report on, written here; the end of the closing
+    sentence: where it is, or why it could not be written."""
+    from smpcheck.failures import failure_results
+    from smpcheck.job import run_facts
+    from smpcheck.report.model import Report
+    from smpcheck.report.writers import write_reports
+
+    _append_launcher_log(log, lines, state)
+    report = Report(failure_results(ending.failures), run_facts(opts, world),
+                    {}, str(log))
+    try:
+        paths = write_reports(report, log.parent, stem)
+    except OSError as exc:
+        return f"the report could not be written to {log.parent}: {exc}"
+    return f"report {paths['html']}, the launcher's messages in {log}"
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -2,7 +2,11 @@
 then every check, then (rank 0) the reports. Returns the exit code every rank agrees on.
 
 An exception on any rank, in any phase, ends the run through :mod:`smpcheck.failures`: the
-report is written anyway, with the failed phase as a FAIL line, and every rank exits 1.
+report is written anyway, with the failed phase as a FAIL line, and every rank exits 1. A
+report directory that cannot be written (read-only, full) ends the run with the verdict in
+one sentence on stderr and exit 3 when the checks passed (1 when they failed). A checkpoint
+that changed while the ranks read it (truncated, replaced, rewritten, deleted on one node)
+fails the run, whatever the checks found: their comparisons read a moving target.
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from reference_impl import ParamInitError
-from smpcheck.checkpoint import Checkpoint
+from smpcheck import faults, whereabouts
+from smpcheck.checkpoint import Checkpoint, changed_files, file_identities
 from smpcheck.checks import ALL_CHECKS
 from smpcheck.checks.base import is_collective
 from smpcheck.checks.forward import reference_outputs
+from smpcheck.endings import EXIT_NO_REPORT
 from smpcheck.failures import (
+    EXIT_FAILED,
     FailureBoard,
     FailureProtocol,
     RankFailure,
@@ -31,15 +38,25 @@ from smpcheck.failures import (
     failure_results,
     tensor_problems,
 )
+from smpcheck.files import write_atomically
 from smpcheck.memory import MemoryMonitor, memory_bound, warm_up
-from smpcheck.phases import CHECK, FORWARD, LOAD, START, STRATEGY_PHASES, TRANSFORM, WRAP
-from smpcheck.report.model import CheckResult, Report, Status
+from smpcheck.phases import (
+    CHECK,
+    FORWARD,
+    LOAD,
+    REPORT,
+    START,
+    STRATEGY_PHASES,
+    TRANSFORM,
+)
+from smpcheck.report.model import CheckResult, Finding, Report, Status
 from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
 from smpcheck.strategies.base import load_kwargs
 from smpcheck.verify import verify
 
 MIB = 2**20
+UNCHANGED = "checkpoint_unchanged"  # the result a checkpoint that moved under the run fails
 # Growth any run shows whatever the model: lazily imported modules on the host; on CUDA also
 # kernel images loaded on first use (measured on an H200: +70 MiB loading a 0.4 MiB model).
 CPU_SLACK = 64 * MIB
@@ -54,11 +71,22 @@ FORWARD_CHECKS = [n for n, c in ALL_CHECKS.items() if is_collective(c)]
 
 @dataclass
 class Progress:
-    """Where this rank is: the phase a failure is charged to, and the strategy phases done."""
+    """Where this rank is: the phase a failure is charged to (said to
+    :mod:`smpcheck.whereabouts` as it changes, for the launcher and planted faults), and the
+    strategy phases done."""
 
     tp: int
-    phase: str = START
     done: list[str] = field(default_factory=list)
+    _phase: str = START
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self._phase = name
+        whereabouts.enter(name)
 
     def strategy_phase(self) -> None:
         """The strategy is running the first of its phases not yet done (transform only
@@ -80,24 +108,38 @@ class Outputs:
     def log(self) -> Path:
         return Path(self.report_dir) / f"{self.stem}.log"
 
-    def write(self, report: Report) -> None:
-        """The reports, the summary on stdout and, when something failed, one sentence on
-        stderr: the last line of a failed run, wherever it was launched from."""
+    def write(self, report: Report, log: str = "") -> int:
+        """The reports (and ``log``, the tracebacks, beside them), the summary on stdout and,
+        when something failed, one sentence on stderr: the last line of a failed run,
+        wherever it was launched from. Returns the run's exit code: 0, 1 when something
+        failed, ``EXIT_NO_REPORT`` when all passed but the report could not be written."""
         print(report.summary(), flush=True)
-        paths = write_reports(report, self.report_dir, self.stem)
-        note = f", tracebacks in {self.log}" if report.log else ""
+        try:
+            if log:
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(self.log, log)
+            paths = write_reports(report, self.report_dir, self.stem)
+        except OSError as exc:
+            said = verdict(report) if not report.ok else "every check passed"
+            print(f"smpcheck: {said}; the report could not be written to {self.report_dir}: "
+                  f"{exc}", file=sys.stderr, flush=True)
+            return EXIT_FAILED if not report.ok else EXIT_NO_REPORT
+        note = f", tracebacks in {self.log}" if log else ""
         print(f"[smpcheck] report: {paths['html']} (JSON {paths['json'].name}, JUnit "
               f"{paths['junit'].name}{note})", flush=True)
         if not report.ok:
             print(f"smpcheck: {verdict(report)}; report {paths['html']}{note}", file=sys.stderr,
                   flush=True)
+            return EXIT_FAILED
+        return 0
 
 
 def verdict(report: Report) -> str:
     """What failed, in one sentence: the failed phase if a rank failed, else the first failed
     check, with the first tensors it names."""
     bad = [r for r in report.results if r.status in (Status.FAIL, Status.ERROR)]
-    first = next((r for r in bad if r.traceback), bad[0])
+    first = next((r for r in bad if r.name == UNCHANGED),  # the cause of every other
+                 next((r for r in bad if r.traceback), bad[0]))
     text = first.message if first.traceback else f"{first.name} failed: {first.message}"
     named = "; ".join(f.sentence() for f in first.errors[:3])
     if len(first.errors) > 3:
@@ -118,26 +160,6 @@ def skipped_results(skip: tuple[str, ...]) -> list[CheckResult]:
     return [CheckResult(name, Status.SKIP, f"not run: --skip {name}") for name in skip]
 
 
-def _hang_if_asked(rank: int) -> None:
-    """Self-test knob for the timeout path: SMPCHECK_DEBUG_HANG_RANK=N makes rank N hang,
-    saying when it began (SMPCHECK_DEBUG_HANG_MARK) so a test waits on the hang, not on the
-    clock (see :mod:`smpcheck.launch`)."""
-    if os.environ.get("SMPCHECK_DEBUG_HANG_RANK") == str(rank):
-        from smpcheck.launch import announce_hang
-
-        announce_hang()
-        while True:
-            time.sleep(1)
-
-
-def _raise_if_asked(rank: int, phase: str) -> None:
-    """Self-test knob for the failure path: SMPCHECK_DEBUG_FAIL=RANK:PHASE makes that rank
-    raise as that phase starts."""
-    if os.environ.get("SMPCHECK_DEBUG_FAIL") == f"{rank}:{phase}":
-        raise RuntimeError(f"planted failure on rank {rank} in {phase} "
-                           "(SMPCHECK_DEBUG_FAIL)")
-
-
 def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
     """Load, [transform], wrap and check on this rank; 0 when every check passed, else 1
     (a rank that fails exits 1 after rank 0 wrote the report)."""
@@ -149,23 +171,68 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
         return 0
     outputs = Outputs(report_dir, stem)
     progress = Progress(opts.tp)
+    opts = _armed(opts, rank, report_dir)
+    identities = file_identities(opts.source.path)
 
     def failure_report(failures: list[RankFailure]) -> None:
-        outputs.log.parent.mkdir(parents=True, exist_ok=True)
-        outputs.log.write_text(failure_log(failures))
-        outputs.write(Report(failure_results(failures), _facts(opts), {}, str(outputs.log)))
+        facts = run_facts(opts, dist.get_world_size())
+        outputs.write(Report(failure_results(failures), facts, {}, str(outputs.log)),
+                      log=failure_log(failures))
 
     protocol = FailureProtocol(FailureBoard.of_default_group(), rank, failure_report)
     with protocol.watching():
         try:
             report = _run_phases_and_checks(opts, strategy, progress)
+            progress.phase = REPORT
+            report.results[:0] = _unchanged(opts.source.path, identities)
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with a report
             tensors = tensor_problems(str(exc)) if isinstance(exc, ParamInitError) else []
-            protocol.fail(RankFailure.from_exception(rank, progress.phase, exc, tensors))
+            protocol.fail(RankFailure.from_exception(rank, whereabouts.current(), exc, tensors))
+    code = 0 if report.ok else EXIT_FAILED
     if rank == 0:
-        outputs.log.unlink(missing_ok=True)  # a log beside a report belongs to a failed run
-        protocol.finish(lambda: outputs.write(report))
-    return 0 if report.ok else 1
+        _remove_stale_log(outputs.log)  # a log beside a report belongs to a failed run
+
+        def write() -> None:
+            nonlocal code
+            code = outputs.write(report)
+
+        protocol.finish(write)
+    return code
+
+
+def _remove_stale_log(log: Path) -> None:
+    try:
+        log.unlink(missing_ok=True)
+    except OSError:  # a read-only report directory: Outputs.write says so
+        pass
+
+
+def _armed(opts: RunOptions, rank: int, report_dir: str) -> RunOptions:
+    """The options with the checkpoint this rank reads: its own copy under a planted
+    ``vanish`` (:mod:`smpcheck.faults`), else the same."""
+    path = faults.arm(rank, opts.source.path, report_dir)
+    if path == Path(opts.source.path):
+        return opts
+    return replace(opts, source=replace(opts.source, path=path))
+
+
+def _unchanged(path: Path, identities: dict) -> list[CheckResult]:
+    """A FAIL line when the checkpoint changed on any rank since it started (one gather)."""
+    changes = [None] * dist.get_world_size()
+    dist.all_gather_object(changes, changed_files(identities, path))
+    findings: dict[tuple[str, str], Finding] = {}
+    for rank, mine in enumerate(changes):
+        for name, what in mine:
+            findings.setdefault((name, what), Finding(name, [], what)).ranks.append(rank)
+    if not findings:
+        return []
+    ranks = sorted({r for f in findings.values() for r in f.ranks})
+    return [CheckResult(
+        UNCHANGED, Status.FAIL,
+        f"the checkpoint changed while the run read it, on rank{'s' if len(ranks) > 1 else ''} "
+        f"{', '.join(map(str, ranks))}, so the checks compared with files that moved under "
+        "them; rerun once it is stable",
+        list(findings.values()))]
 
 
 def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Report:
@@ -173,7 +240,7 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
     say(f"{opts.source.name}: strategy {opts.strategy}, {world} ranks, tp {opts.tp}, "
         f"device {opts.device}")
     cuda = opts.device.startswith("cuda")
-    _raise_if_asked(rank, START)
+    progress.phase = START
     warm_up(cuda)
     size = Checkpoint(opts.source.path).sizes(opts.dtype)
     reference = None
@@ -181,7 +248,6 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
         steps = strategy.phases(opts)
         while True:
             progress.strategy_phase()
-            _raise_if_asked(rank, progress.phase)
             start = time.perf_counter()
             with monitor.phase("pending") as phase:
                 name = next(steps, None)
@@ -190,15 +256,12 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
                 monitor.record.phases.pop()
                 break
             progress.done.append(name)
-            if name == WRAP:
-                _hang_if_asked(rank)
             dist.barrier()
             say(f"{name:9} done in {time.perf_counter() - start:6.2f} s, rank 0 peak "
                 f"{phase.peak_anon / MIB:.0f} MiB anonymous")
             if name == LOAD and rank == 0:
                 reference = _reference(strategy, opts, size)
         progress.phase = CHECK
-        _raise_if_asked(rank, CHECK)
         model = strategy.model
         dense = _dense_model(opts, strategy, size.total)
         arguments = dict(checkpoint=opts.source.path, dense_model=dense,
@@ -226,18 +289,19 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
     order = {name: i for i, name in enumerate(ALL_CHECKS)}
     results = sorted(judged + skipped_results(opts.skip), key=lambda r: order[r.name])
     return Report(results,
-                  {**checked.environment, **_facts(opts), "model_bytes": size.total,
+                  {**checked.environment, **run_facts(opts, world), "model_bytes": size.total,
                    **getattr(strategy, "environment", {})},
                   memory.memory, checked.expected)
 
 
-def _facts(opts: RunOptions) -> dict:
-    """What the report says about the run, whether it finished or not."""
+def run_facts(opts: RunOptions, world_size: int) -> dict:
+    """What the report says about the run, whether it finished or not (also written by the
+    launching process, which has no process group, when no rank could)."""
     import transformers
 
     return {"strategy": opts.strategy, "tp_size": opts.tp, "model": opts.source.name,
             "model_path": str(opts.source.path), "device": opts.device,
-            "world_size": dist.get_world_size(), "torch": torch.__version__,
+            "world_size": world_size, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "created": datetime.datetime.now().isoformat(timespec="seconds"),
             "launcher": _launcher()}

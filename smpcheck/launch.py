@@ -9,18 +9,21 @@ could be taken in between; ``torchrun --standalone`` works the same way).
 Every rank arms a watchdog: at ``timeout`` it prints its own Python stack (all threads) and
 exits with 124, so a hang ends with every rank's traceback and no process left behind (the
 elastic agent reaps the rest; a SIGTERM from it also dumps the stack first). Self-launched,
-the ranks print in rank order (stacks printed at one instant interleave), each then says so in
-a file, and none exits before every rank has (at most ``STACK_GRACE_S``): the launcher stops
-every rank as soon as one exits and records only that one, so the files are also how the
-closing line names every rank that timed out. A self-launched rank also dies with the process
-that launched it (``PR_SET_PDEATHSIG``), whatever kills that. The launcher's own error wall
-(its log lines, with every rank's traceback embedded) is held back from the terminal and
-handed to the caller for the log file.
+the ranks share a run-state directory (``SMPCHECK_RUN_STATE``): each says there which phase it
+is in (:mod:`smpcheck.whereabouts`) and, at a timeout, that it timed out. They print in rank
+order (stacks printed at one instant interleave) and none exits before every rank has (at
+most ``STACK_GRACE_S``): the launcher stops every rank as soon as one exits and records only
+that one, so the files are also how the closing line names every rank that timed out. A rank
+that printed nothing by then (stopped, or stuck outside Python) is SIGKILLed by the others, so
+the launcher need not wait out its own grace period on it. A self-launched rank also dies with
+the process that launched it (``PR_SET_PDEATHSIG``), whatever kills that. The launcher's own
+error wall (its log lines, with every rank's traceback embedded) is held back from the
+terminal and handed to the caller for the log file.
 
-Self-test knob: with ``SMPCHECK_DEBUG_HANG_RANK=N`` (rank N hangs in wrap) and
-``SMPCHECK_DEBUG_HANG_MARK=PATH``, rank N writes the instant it entered its hang to PATH, and
-every rank's timeout counts from that instant instead of from the start: a test of the timeout
-path then sees rank N inside its hang however slowly the ranks started.
+Self-test knob: a planted ``hang`` or ``stall`` (:mod:`smpcheck.faults`) with a mark file
+writes the instant it began, and every rank's timeout counts from that instant instead of from
+the start: a test of the timeout path then sees the rank inside its fault however slowly the
+ranks started.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from smpcheck import faults
+from smpcheck.files import write_atomically
 from smpcheck.source import UsageError
+from smpcheck.whereabouts import RUN_STATE, last_known
 
 TIMED_OUT = 124
 _PR_SET_PDEATHSIG = 1
@@ -53,9 +59,8 @@ LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher",
                     "torch.multiprocessing")
 STACK_GRACE_S = 2.0  # after printing its stack, a timed-out rank waits for the others' stacks
 MARK_POLL_S = 0.05  # how often a rank looks for a file it waits on
-TIMEOUT_MARKS = "SMPCHECK_TIMEOUT_MARKS"  # set by self_launch: where timed-out ranks say so
-DEBUG_HANG_RANK = "SMPCHECK_DEBUG_HANG_RANK"
-DEBUG_HANG_MARK = "SMPCHECK_DEBUG_HANG_MARK"
+_TIMED_OUT_PREFIX = "timed-out-rank"
+SIGTERM_STACK_PREFIX = "sigterm-stack-rank"
 
 
 def launcher_world() -> int | None:
@@ -92,10 +97,10 @@ def arm_watchdog(deadline: float, timeout: float) -> threading.Thread:
     most ``STACK_GRACE_S``), and exit with 124. Under the self-test knob the deadline is
     ``timeout`` after the planted hang."""
     rank = os.environ.get("RANK", "?")
-    mark, armed = debug_hang_mark(), time.time()
+    mark, armed = faults.timeout_mark(), time.time()
 
     def fire() -> None:
-        marks = os.environ.get(TIMEOUT_MARKS) if rank.isdigit() else None
+        marks = os.environ.get(RUN_STATE) if rank.isdigit() else None
         if marks:  # in rank order: stacks printed at the same instant interleave
             _await_marks(marks, range(int(rank)))
         sys.stderr.write(f"[smpcheck] rank {rank}: still running after the {timeout:.0f} s "
@@ -104,8 +109,9 @@ def arm_watchdog(deadline: float, timeout: float) -> threading.Thread:
         sys.stderr.flush()
         _stop_sigterm_dump()  # its stack is out: the launcher's SIGTERM now ends it silently
         if marks:  # the first rank to exit makes the launcher stop the others
-            _write_atomically(Path(marks) / f"rank{rank}", str(os.getpid()))
+            write_atomically(Path(marks) / f"{_TIMED_OUT_PREFIX}{rank}", str(os.getpid()))
             _await_marks(marks, range(int(os.environ.get("WORLD_SIZE", "1"))))
+            _kill_silent_ranks(marks)
         else:  # under torchrun or srun, ranks leave no word
             time.sleep(STACK_GRACE_S)
         os._exit(TIMED_OUT)
@@ -115,10 +121,38 @@ def arm_watchdog(deadline: float, timeout: float) -> threading.Thread:
         time.sleep(max(0.0, at - time.time()))
         fire()
 
-    faulthandler.register(signal.SIGTERM, file=sys.stderr, all_threads=True, chain=True)
+    faulthandler.register(signal.SIGTERM, file=_sigterm_stack_file(rank), all_threads=True,
+                          chain=True)
     watchdog = threading.Thread(target=watch, name="smpcheck-watchdog", daemon=True)
     watchdog.start()
     return watchdog
+
+
+_held_open: list[Any] = []  # faulthandler writes to the file's descriptor: keep it open
+
+
+def _sigterm_stack_file(rank: str) -> Any:
+    """Where a rank's stack goes when SIGTERM ends it (the launcher stopping it after a peer
+    died, or a preemption): self-launched, a file the launching process puts in the log, so
+    the terminal ends with one sentence; under torchrun or srun, stderr."""
+    state = os.environ.get(RUN_STATE)
+    if not state or not rank.isdigit():
+        return sys.stderr
+    _held_open.append(open(Path(state) / f"{SIGTERM_STACK_PREFIX}{rank}", "w"))  # noqa: SIM115
+    return _held_open[-1]
+
+
+def sigterm_stacks(state: str | os.PathLike) -> dict[int, str]:
+    """``{rank: stack}`` of the ranks SIGTERM stopped, from :func:`_sigterm_stack_file`."""
+    stacks = {}
+    for path in Path(state).glob(f"{SIGTERM_STACK_PREFIX}*"):
+        try:
+            text = path.read_text(errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            stacks[int(path.name[len(SIGTERM_STACK_PREFIX):])] = text
+    return dict(sorted(stacks.items()))
 
 
 def _stop_sigterm_dump() -> None:
@@ -136,22 +170,31 @@ def _await_marks(marks: str, ranks: range) -> None:
         time.sleep(MARK_POLL_S)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Whoever polls for ``path`` finds it whole or not at all."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def timeout_marks(directory: str | os.PathLike) -> dict[int, int]:
     """``{rank: pid}`` of the ranks that have said they timed out."""
     marks = {}
-    for path in Path(directory).glob("rank*"):
+    for path in Path(directory).glob(f"{_TIMED_OUT_PREFIX}*"):
         try:
-            marks[int(path.name[len("rank"):])] = int(path.read_text())
+            marks[int(path.name[len(_TIMED_OUT_PREFIX):])] = int(path.read_text())
         except (OSError, ValueError):
             continue
     return marks
+
+
+def silent_ranks(directory: str | os.PathLike) -> dict[int, dict]:
+    """Where each rank that did not say it timed out last was (``{rank: whereabouts}``)."""
+    said = timeout_marks(directory)
+    return {r: w for r, w in last_known(directory).items() if r not in said}
+
+
+def _kill_silent_ranks(directory: str) -> None:
+    """SIGKILL the ranks that printed no stack by the end of the grace period: a stopped
+    process takes no SIGTERM, and the launcher would wait out its own grace on it."""
+    for where in silent_ranks(directory).values():
+        try:
+            os.kill(int(where["pid"]), signal.SIGKILL)
+        except (OSError, KeyError, ValueError):
+            continue
 
 
 def with_timed_out_ranks(failures: dict[int, Any], marks: dict[int, int]) -> dict[int, Any]:
@@ -167,21 +210,6 @@ def with_timed_out_ranks(failures: dict[int, Any], marks: dict[int, int]) -> dic
             completed[rank] = ProcessFailure(local_rank=rank, pid=pid, exitcode=TIMED_OUT,
                                              error_file="")
     return dict(sorted(completed.items()))
-
-
-def debug_hang_mark() -> Path | None:
-    """The self-test's hang mark, only where a hang is planted too."""
-    if os.environ.get(DEBUG_HANG_RANK) and os.environ.get(DEBUG_HANG_MARK):
-        return Path(os.environ[DEBUG_HANG_MARK])
-    return None
-
-
-def announce_hang() -> None:
-    """Self-test knob: the planted hang has begun, now; written where the test and every
-    rank's watchdog wait for it."""
-    mark = debug_hang_mark()
-    if mark is not None:
-        _write_atomically(mark, repr(time.time()))
 
 
 def hang_began(mark: Path, since: float) -> float:
@@ -284,10 +312,13 @@ def held_launcher_logs() -> Iterator[list[str]]:
             log.propagate, log.level = propagate, level
 
 
-def self_launch(nproc: int, entry: Callable[..., int], args: tuple) -> dict[int, Any]:
+def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
+                state: str) -> dict[int, Any]:
     """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher; the
-    rendezvous binds a port of its own (port 0). A failed run raises ``ChildFailedError``
-    with every rank that timed out among its failures."""
+    rendezvous binds a port of its own (port 0). The ranks share the run-state directory
+    ``state``, which the caller reads afterwards (:func:`silent_ranks`,
+    :func:`smpcheck.whereabouts.last_known`). A failed run raises ``ChildFailedError`` with
+    every rank that timed out among its failures."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -298,12 +329,11 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple) -> dict[int,
     os.environ["SMPCHECK_SELF_LAUNCHED"] = "1"
     if nproc > 1:  # as torchrun does: N ranks with a thread per core each oversubscribe
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory(prefix="smpcheck-timeouts-") as marks:
-        os.environ[TIMEOUT_MARKS] = marks  # the ranks inherit it
-        try:
-            return elastic_launch(config, entry)(*args)
-        except ChildFailedError as exc:
-            raise ChildFailedError(exc.name, with_timed_out_ranks(
-                exc.failures, timeout_marks(marks))) from None
-        finally:
-            os.environ.pop(TIMEOUT_MARKS, None)
+    os.environ[RUN_STATE] = state  # the ranks inherit it
+    try:
+        return elastic_launch(config, entry)(*args)
+    except ChildFailedError as exc:
+        raise ChildFailedError(exc.name, with_timed_out_ranks(
+            exc.failures, timeout_marks(state))) from None
+    finally:
+        os.environ.pop(RUN_STATE, None)

@@ -16,6 +16,7 @@ WRAP = "wrap"
 STRATEGY_PHASES = (LOAD, TRANSFORM, WRAP)  # in order; a strategy yields each name when done
 CHECK = "check"  # smpcheck's reading and comparing
 FORWARD = "forward"  # smpcheck's forward passes: one training step's worth of unsharding
+REPORT = "report"  # after the checks: rank 0 writes the reports, the others wait for it
 
 # The strategy's phases are bounded by the memory check; smpcheck's own phases are charted and
 # measured (benchmarks/check_cost.py), never held against the strategy under test.

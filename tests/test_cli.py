@@ -4,7 +4,6 @@ stopped at --timeout, concurrent runs, and real BERT weights. No run leaves a pr
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -163,7 +162,7 @@ def test_a_rank_failing_mid_run_still_writes_the_report(tmp_path, where) -> None
     """Rank 0 failing (its main thread writes the report) and rank 1 failing while rank 0 goes
     on into the next collective (rank 0's watcher writes it and ends the rank)."""
     rank, phase = where.split(":")
-    out = run_cli("run", tmp=tmp_path, env={"SMPCHECK_DEBUG_FAIL": where})
+    out = run_cli("run", tmp=tmp_path, env={"SMPCHECK_DEBUG_FAULT": f"raise:{where}"})
     assert out.returncode == 1, out.stdout + out.stderr
     sentence = one_sentence(out.stderr)
     assert f"rank {rank} failed in {phase}: RuntimeError: planted failure" in sentence
@@ -312,7 +311,7 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentenc
 
 def hang_env(mark: Path) -> dict[str, str]:
     """Rank 1 hangs in wrap and writes ``mark`` as it begins; the timeout counts from then."""
-    return {"SMPCHECK_DEBUG_HANG_RANK": "1", "SMPCHECK_DEBUG_HANG_MARK": str(mark)}
+    return {"SMPCHECK_DEBUG_FAULT": "hang:1:wrap", "SMPCHECK_DEBUG_FAULT_MARK": str(mark)}
 
 
 def wait_for(path: Path, proc: subprocess.Popen, limit: float = 240) -> None:
@@ -343,52 +342,68 @@ def test_hanging_rank_is_stopped_with_every_rank_stack(tmp_path) -> None:
     assert mark.exists(), "rank 1 never reached its hang"
     stacks = rank_stacks(out.stderr, "2")
     assert list(stacks) == [0, 1], out.stderr  # each rank's stack once, in rank order
-    assert "_hang_if_asked" in stacks[1], "rank 1's stack must show where it hung"
+    assert "in _hang" in stacks[1], "rank 1's stack must show where it hung"
     assert out.stderr.count("Current thread 0x") == 2, "a stack twice (SIGTERM's dump too)"
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert out.stderr.strip().splitlines()[-1].startswith(
         "smpcheck: ranks [0, 1] were still running after --timeout 2 s and were stopped; "
-        "each rank's stack is printed above")  # and run_cli: no process left
+        "each rank's stack is printed above; report ")  # and run_cli: no process left
+    timed_out = report_json(tmp_path, "smpcheck-smp-tp1")["results"]
+    assert {(r["name"], r["status"]) for r in timed_out} == {("wrap", "fail")}, timed_out
 
 
 def test_a_timeout_names_every_rank_that_timed_out(tmp_path) -> None:
     """torch's launcher records only the first rank to exit; the ranks' own word completes it
-    (in process: the record and the sentence made of it)."""
+    (in process: the record and the sentence made of it). A rank that printed no stack is
+    named apart, with the phase it was last in."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from smpcheck.cli import _launcher_sentence
-    from smpcheck.launch import TIMED_OUT, timeout_marks, with_timed_out_ranks
+    from smpcheck.endings import of_failed_ranks
+    from smpcheck.launch import TIMED_OUT, silent_ranks, timeout_marks, with_timed_out_ranks
 
     for rank, pid in ((2, 202), (0, 200)):
-        (tmp_path / f"rank{rank}").write_text(str(pid))
-    (tmp_path / ".rank1.201").write_text("2")  # a mark being written is not one yet
+        (tmp_path / f"timed-out-rank{rank}").write_text(str(pid))
+    (tmp_path / ".timed-out-rank1.201").write_text("2")  # a mark being written is not one yet
+    for rank in range(4):
+        (tmp_path / f"phase-rank{rank}").write_text(json.dumps(
+            {"phase": "check", "detail": "coverage", "pid": 200 + rank}))
     assert timeout_marks(tmp_path) == {0: 200, 2: 202}
+    assert sorted(silent_ranks(tmp_path)) == [1, 3]
     first = ProcessFailure(local_rank=2, pid=202, exitcode=TIMED_OUT, error_file="")
     failures = with_timed_out_ranks({2: first}, timeout_marks(tmp_path))
     assert list(failures) == [0, 2] and failures[2] is first
     assert (failures[0].pid, failures[0].exitcode) == (200, TIMED_OUT)
-    args = argparse.Namespace(timeout=25.0)
-    assert _launcher_sentence(args, failures, tmp_path / "x.log").startswith(
+    ending = of_failed_ranks(failures, {}, {}, 25.0, "x.log")
+    assert ending.sentence.startswith(
         "ranks [0, 2] were still running after --timeout 25 s and were stopped")
+    from smpcheck.whereabouts import last_known
+
+    ending = of_failed_ranks(failures, last_known(tmp_path), silent_ranks(tmp_path), 25.0, "")
+    assert ending.sentence.endswith("rank 1 in check (coverage), rank 3 in check (coverage) "
+                                    "answered nothing (no stack: stopped, or stuck outside "
+                                    "Python) and were killed"), ending.sentence
+    assert [(f.rank, f.error) for f in ending.failures] == [
+        (0, "Timeout"), (2, "Timeout"), (1, "NoAnswer"), (3, "NoAnswer")]
     crashed = ProcessFailure(local_rank=1, pid=201, exitcode=-9, error_file="")
     assert with_timed_out_ranks({1: crashed}, {}) == {1: crashed}  # no timeout: as recorded
 
 
 def test_the_timeout_of_a_planted_hang_counts_from_the_hang(tmp_path, monkeypatch) -> None:
-    """The self-test knob's plumbing, in process: only with a planted hang, and never from an
-    earlier run's mark."""
-    from smpcheck.launch import announce_hang, debug_hang_mark, hang_began
+    """The self-test knob's plumbing, in process: only with a planted hang or stall, and
+    never from an earlier run's mark."""
+    from smpcheck import faults
+    from smpcheck.launch import hang_began
 
     mark = tmp_path / "hang"
-    monkeypatch.setenv("SMPCHECK_DEBUG_HANG_MARK", str(mark))
-    monkeypatch.delenv("SMPCHECK_DEBUG_HANG_RANK", raising=False)
-    assert debug_hang_mark() is None  # no hang planted: the timeout counts from the start
-    monkeypatch.setenv("SMPCHECK_DEBUG_HANG_RANK", "1")
-    assert debug_hang_mark() == mark
+    monkeypatch.setenv("SMPCHECK_DEBUG_FAULT_MARK", str(mark))
+    monkeypatch.setenv("SMPCHECK_DEBUG_FAULT", "kill:1:wrap")
+    assert faults.timeout_mark() is None  # no hang planted: the timeout counts from the start
+    monkeypatch.setenv("SMPCHECK_DEBUG_FAULT", "hang:1:wrap")
+    assert faults.timeout_mark() == mark
     mark.write_text("1.0")  # an earlier run's
     since = time.time()
     with ThreadPoolExecutor(1) as pool:
         began = pool.submit(hang_began, mark, since)
-        announce_hang()
+        faults._announce()
         assert since <= began.result(timeout=60) <= time.time()
     assert [p.name for p in tmp_path.iterdir()] == ["hang"]
 

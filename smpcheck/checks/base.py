@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch.distributed as dist
 from torch import nn
 
+from smpcheck import whereabouts
 from smpcheck.expected import Comparison, Expectations, Source
 from smpcheck.peft_names import PeftView, peft_view
 from smpcheck.pieces import Piece, iter_pieces, unwrap
@@ -190,6 +191,7 @@ def run_checks(ctx: CheckContext, checks: Sequence[AnyCheck]) -> Verdicts:
     prepared: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     for check in checks:
+        whereabouts.within(check.name)
         start = time.perf_counter()
         if is_collective(check):
             outcome = _attempt(ctx, check.prepare)
@@ -207,6 +209,7 @@ def run_checks(ctx: CheckContext, checks: Sequence[AnyCheck]) -> Verdicts:
     if ready:
         mine = {}
         for check in ready:
+            whereabouts.within(check.name)
             start = time.perf_counter()
             mine[check.name] = _attempt(ctx, check.collective, prepared[check.name])
             seconds[check.name] += time.perf_counter() - start

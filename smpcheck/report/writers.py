@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from smpcheck.files import write_atomically
 from smpcheck.phases import bounded
 from smpcheck.report.chart import memory_svg
 from smpcheck.report.model import Report, Status
@@ -100,7 +101,9 @@ def write_reports(report: Report, directory: str | Path, stem: str = "smpcheck")
         "json": directory / f"{stem}.json",
         "junit": directory / f"{stem}.junit.xml",
     }
-    paths["html"].write_text(render_html(report))
-    report.to_json(paths["json"])
-    paths["junit"].write_text(junit_xml(report))
+    # JSON first: it is what ``smpcheck report`` and ``compare`` read back. Each file is
+    # whole or absent, never half written by a full disk.
+    write_atomically(paths["json"], report.to_json())
+    write_atomically(paths["html"], render_html(report))
+    write_atomically(paths["junit"], junit_xml(report))
     return paths

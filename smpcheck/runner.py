@@ -8,7 +8,9 @@ Tests, the pytest plugin and the CLI's self-launch share this. What it guarantee
   rank starts in tens of milliseconds instead of re-importing torch (about 1.5 s each).
 * A rank's exception comes back as :class:`RankError`, naming the rank, with the child's full
   traceback; a ``pytest.skip`` in a rank skips the caller.
-* A hang ends at ``timeout``: every live rank dumps its Python stack (``faulthandler``) into the
+* A hang ends at ``timeout``, counted from the moment every rank has joined the process group
+  (start-up has its own ``startup_timeout``), so how fast a loaded machine starts processes
+  never decides a verdict: every live rank dumps its Python stack (``faulthandler``) into the
   :class:`RankTimeout` message, then every rank is killed. When one rank fails, the others get
   a short grace period to fail or finish too, and are then killed the same way, so a rank stuck
   in a collective its failed peer never joined cannot stall the caller.
@@ -53,6 +55,12 @@ _PRELOAD = [
 ]
 _PR_SET_PDEATHSIG = 1
 _DUMP_SIGNAL = signal.SIGUSR1
+_STARTED = ("started",)  # a rank's first message: it joined the group
+# faulthandler prints the main thread last and its outermost frame last: in a rank forked by
+# the fork server, this one. Its arrival is the event that a stack dump is complete.
+_LAST_FRAME = 'File "<string>", line 1 in <module>'
+_DUMP_WAIT_S = 10.0  # at most, for a rank whose dump never completes (it died meanwhile)
+_POLL_S = 0.02
 
 
 class RankError(RuntimeError):
@@ -119,7 +127,7 @@ def _rank_main(spec: RankSpec, conn: Connection, fn: Callable, args: tuple, kwar
         faulthandler.register(_DUMP_SIGNAL, file=dump, all_threads=True)
         faulthandler.enable(file=dump, all_threads=True)  # a crash leaves its stack there
         try:
-            payload = ("ok", _run_in_group(spec, fn, args, kwargs))
+            payload = ("ok", _run_in_group(spec, conn, fn, args, kwargs))
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
             payload = _describe_exception(exc)
         try:
@@ -135,7 +143,8 @@ def _rank_main(spec: RankSpec, conn: Connection, fn: Callable, args: tuple, kwar
         conn.close()
 
 
-def _run_in_group(spec: RankSpec, fn: Callable, args: tuple, kwargs: dict) -> Any:
+def _run_in_group(spec: RankSpec, conn: Connection, fn: Callable, args: tuple,
+                  kwargs: dict) -> Any:
     import torch
     import torch.distributed as dist
 
@@ -149,6 +158,7 @@ def _run_in_group(spec: RankSpec, fn: Callable, args: tuple, kwargs: dict) -> An
         torch.cuda.set_device(spec.rank % torch.cuda.device_count())
     store = dist.FileStore(spec.store_path, spec.world_size)
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size)
+    conn.send(_STARTED)
     try:
         return fn(*args, **kwargs)
     finally:
@@ -170,12 +180,22 @@ def _dump_stacks(procs: Sequence[mp.Process], specs: Sequence[RankSpec], why: st
             os.kill(proc.pid, _DUMP_SIGNAL)
         except ProcessLookupError:
             pass
-    time.sleep(0.5)
     parts = [why]
-    for _, spec in live:
-        text = Path(spec.dump_path).read_text(errors="replace").strip() or "(no stack written)"
+    for proc, spec in live:
+        text = _completed_dump(proc, Path(spec.dump_path)) or "(no stack written)"
         parts.append(f"--- rank {spec.rank} stack ---\n{text}")
     return "\n".join(parts)
+
+
+def _completed_dump(proc: mp.Process, path: Path) -> str:
+    """The rank's stack once its dump is complete (its last frame written), or whatever it
+    wrote if it died first or ``_DUMP_WAIT_S`` passed."""
+    end = time.monotonic() + _DUMP_WAIT_S
+    while True:
+        text = path.read_text(errors="replace").strip()
+        if text.endswith(_LAST_FRAME) or not proc.is_alive() or time.monotonic() > end:
+            return text
+        time.sleep(_POLL_S)
 
 
 def _stack_at_death(spec: RankSpec) -> str:
@@ -205,6 +225,7 @@ def run_on_ranks(
     backend: str | None = None,
     timeout: float = 120.0,
     grace: float = 5.0,
+    startup_timeout: float = 300.0,
     workdir: str | os.PathLike | None = None,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
@@ -217,8 +238,10 @@ def run_on_ranks(
         args, kwargs: passed to ``fn`` on every rank (pickled).
         device: ``"cpu"`` or ``"cuda"``; picks the backend when ``backend`` is None.
         backend: process-group backend, default gloo on CPU and NCCL on CUDA.
-        timeout: seconds before all ranks are stopped and their stacks reported.
+        timeout: seconds from the moment every rank joined the process group until all
+            ranks are stopped and their stacks reported.
         grace: seconds the other ranks get to finish after one rank fails.
+        startup_timeout: seconds every rank gets to start and join the process group.
         workdir: where the rendezvous file and stack dumps go (a temporary directory if None).
         env: extra environment variables for the ranks.
 
@@ -227,7 +250,8 @@ def run_on_ranks(
 
     Raises:
         RankError: a rank raised; names the first failing rank with its traceback.
-        RankTimeout: the ranks did not finish within ``timeout``; holds every rank's stack.
+        RankTimeout: the ranks did not join within ``startup_timeout`` or finish within
+            ``timeout``; holds every rank's stack.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
@@ -261,7 +285,8 @@ def run_on_ranks(
                 proc.start()
             for _, send in pipes:
                 send.close()
-            return _collect([recv for recv, _ in pipes], procs, specs, timeout, grace)
+            return _collect([recv for recv, _ in pipes], procs, specs, timeout, grace,
+                            startup_timeout)
         finally:
             _kill(procs)
 
@@ -272,40 +297,53 @@ def _collect(
     specs: list[RankSpec],
     timeout: float,
     grace: float,
+    startup_timeout: float,
 ) -> list[Any]:
-    """Wait for every rank's payload; turn the first failure or the deadline into an error."""
-    deadline = time.monotonic() + timeout
+    """Wait for every rank's payload; turn the first failure or a deadline into an error. The
+    ``timeout`` starts once every rank has said it joined the group."""
+    deadline = time.monotonic() + startup_timeout
     payloads: dict[int, tuple] = {}
     pending = {conn: spec.rank for conn, spec in zip(conns, specs)}
+    joining = {spec.rank for spec in specs}
     first_failure: int | None = None
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             if first_failure is not None:
                 break
+            what = (f"did not join the process group within {startup_timeout:.0f} s"
+                    if joining else f"did not finish within {timeout:.0f} s")
             raise RankTimeout(
                 _dump_stacks(
                     procs,
                     specs,
-                    f"{len(pending)} of {len(specs)} ranks did not finish within "
-                    f"{timeout:.0f} s (ranks {sorted(pending.values())}); stacks follow",
+                    f"{len(pending)} of {len(specs)} ranks {what} (ranks "
+                    f"{sorted(joining or pending.values())}); stacks follow",
                 )
             )
         for conn in wait(list(pending), timeout=remaining):
-            rank = pending.pop(conn)
+            rank = pending[conn]
             try:
-                payloads[rank] = conn.recv()
+                payload = conn.recv()
             except EOFError:
                 code = procs[rank].exitcode
                 procs[rank].join(timeout=1)
-                payloads[rank] = (
+                payload = (
                     "error",
                     "RankDied",
                     f"rank {rank} exited with code {procs[rank].exitcode or code} "
                     "before returning a result (killed by a signal or os._exit)"
                     + _stack_at_death(specs[rank]),
                 )
-            if payloads[rank][0] != "ok" and first_failure is None:
+            if payload == _STARTED:
+                joining.discard(rank)
+                if not joining and first_failure is None:
+                    deadline = time.monotonic() + timeout
+                continue
+            del pending[conn]
+            joining.discard(rank)
+            payloads[rank] = payload
+            if payload[0] != "ok" and first_failure is None:
                 first_failure = rank
                 deadline = min(deadline, time.monotonic() + grace)
     if first_failure is not None:

@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("json", type=Path)
     report.add_argument("--out", type=Path, default=None, help="HTML path (default: beside it)")
     sub.add_parser("env", help="print what matters for a bug report")
+    __import__("smpcheck.plan_cli").plan_cli.add_parser(sub)
     return parser
 
 
@@ -408,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "plan":
+            return __import__("smpcheck.plan_cli").plan_cli.run(args)
         return _env()
     except UsageError as exc:
         print(f"smpcheck: {exc}", file=sys.stderr)

@@ -276,6 +276,15 @@ def _holds(strategy: str, shard: float, tensor: float, unit: float) -> tuple[flo
     return table[strategy]
 
 
+def rank_share(strategy: str, size: ModelSize, rank: int, sharded_over: int) -> float:
+    """The fraction of the model ``rank`` holds at its peak under ``strategy`` (a row of
+    :func:`_holds`), the weights split over ``sharded_over`` ranks. One model for the memory
+    bound of a run and for ``smpcheck plan``'s prediction before one."""
+    total = size.total or 1
+    return _holds(strategy, 1.0 / sharded_over, size.largest_tensor / total,
+                  size.largest_unit / total)[0 if rank == 0 else 1]
+
+
 @dataclass
 class Bound:
     """The most anonymous memory a rank may use, and how that number was derived."""
@@ -309,10 +318,7 @@ def memory_bound(*, rank: int, baseline: int, size: ModelSize, strategy: str,
         slack: fixed bytes for what grows with any run (allocator arenas, lazily imported
             modules, communication buffers), whatever the model's size.
     """
-    shard = 1.0 / (sharded_over or world_size)
-    total = size.total or 1
-    share = _holds(strategy, shard, size.largest_tensor / total,
-                   size.largest_unit / total)[0 if rank == 0 else 1]
+    share = rank_share(strategy, size, rank, sharded_over or world_size)
     limit = int(baseline + slack + allowance * share * size.total)
     mib = 2**20
     derivation = (f"baseline {baseline / mib:.0f} MiB + slack {slack / mib:.0f} MiB + "

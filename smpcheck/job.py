@@ -46,8 +46,6 @@ from smpcheck.phases import (
     LOAD,
     REPORT,
     START,
-    STRATEGY_PHASES,
-    TRANSFORM,
 )
 from smpcheck.report.model import CheckResult, Finding, Report, Status
 from smpcheck.report.writers import write_reports
@@ -73,9 +71,9 @@ FORWARD_CHECKS = [n for n, c in ALL_CHECKS.items() if is_collective(c)]
 class Progress:
     """Where this rank is: the phase a failure is charged to (said to
     :mod:`smpcheck.whereabouts` as it changes, for the launcher and planted faults), and the
-    strategy phases done."""
+    strategy's own phases, as it names them, with those done."""
 
-    tp: int
+    names: tuple[str, ...]  # the strategy's phases, in the order it yields them
     done: list[str] = field(default_factory=list)
     _phase: str = START
 
@@ -89,12 +87,17 @@ class Progress:
         whereabouts.enter(name)
 
     def strategy_phase(self) -> None:
-        """The strategy is running the first of its phases not yet done (transform only
-        with TP), or finishing after its last."""
-        last = self.done[-1] if self.done else None
-        after = STRATEGY_PHASES.index(last) + 1 if last in STRATEGY_PHASES else 0
-        rest = [p for p in STRATEGY_PHASES[after:] if p != TRANSFORM or self.tp > 1]
-        self.phase = rest[0] if rest else last or STRATEGY_PHASES[0]
+        """The strategy is running the first of its phases not yet done, or finishing after
+        its last."""
+        self.phase = self.names[min(len(self.done), len(self.names) - 1)]
+
+    def finished(self, name: str) -> None:
+        """The strategy yielded ``name``: the phase it declared next, or a bug in it."""
+        expected = self.names[len(self.done)] if len(self.done) < len(self.names) else None
+        if name != expected:
+            raise RuntimeError(f"the strategy yielded phase {name!r} where it declared "
+                               f"{expected!r} (its phase_names: {self.names})")
+        self.done.append(name)
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ def run_job(opts: RunOptions, report_dir: str, stem: str) -> int:
         say(f"SKIP strategy {opts.strategy}: {reason}")
         return 0
     outputs = Outputs(report_dir, stem)
-    progress = Progress(opts.tp)
+    progress = Progress(strategy.phase_names(opts))
     opts = _armed(opts, rank, report_dir)
     identities = file_identities(opts.source.path)
 
@@ -255,7 +258,7 @@ def _run_phases_and_checks(opts: RunOptions, strategy, progress: Progress) -> Re
             if name is None:
                 monitor.record.phases.pop()
                 break
-            progress.done.append(name)
+            progress.finished(name)
             dist.barrier()
             say(f"{name:9} done in {time.perf_counter() - start:6.2f} s, rank 0 peak "
                 f"{phase.peak_anon / MIB:.0f} MiB anonymous")

@@ -12,8 +12,7 @@ from typing import Any
 START = "start"  # warm-up collectives, before the strategy
 LOAD = "load"
 TRANSFORM = "transform"
-WRAP = "wrap"
-STRATEGY_PHASES = (LOAD, TRANSFORM, WRAP)  # in order; a strategy yields each name when done
+WRAP = "wrap"  # a strategy names which of load, transform, wrap it runs (phase_names)
 CHECK = "check"  # smpcheck's reading and comparing
 FORWARD = "forward"  # smpcheck's forward passes: one training step's worth of unsharding
 REPORT = "report"  # after the checks: rank 0 writes the reports, the others wait for it

@@ -121,12 +121,21 @@ def test_leaving_the_watched_block_waits_for_the_watcher() -> None:
     assert not [t for t in threading.enumerate() if t.name == "smpcheck-failure-watcher"]
 
 
-@pytest.mark.parametrize(("tp", "done", "running"), [
-    (1, [], "load"), (1, ["load"], "wrap"), (2, ["load"], "transform"),
-    (2, ["load", "transform"], "wrap"), (1, ["load", "transform"], "wrap"),
-    (1, ["load", "wrap"], "wrap"),  # the strategy finishing after its last phase
+@pytest.mark.parametrize(("names", "done", "running"), [
+    (("load", "wrap"), [], "load"), (("load", "wrap"), ["load"], "wrap"),
+    (("load", "transform", "wrap"), ["load"], "transform"),
+    (("load", "transform", "wrap"), ["load", "transform"], "wrap"),
+    (("load",), [], "load"), (("load",), ["load"], "load"),  # streaming: load is all of it
+    (("load", "wrap"), ["load", "wrap"], "wrap"),  # the strategy finishing after its last
 ])
-def test_a_failure_is_charged_to_the_phase_running(tp, done, running) -> None:
-    progress = Progress(tp, done=list(done))
+def test_a_failure_is_charged_to_the_phase_running(names, done, running) -> None:
+    progress = Progress(names, done=list(done))
     progress.strategy_phase()
     assert progress.phase == running
+
+
+def test_a_strategy_yielding_a_phase_it_did_not_declare_is_a_bug_named() -> None:
+    progress = Progress(("load", "wrap"))
+    progress.finished("load")
+    with pytest.raises(RuntimeError, match="yielded phase 'transform' where it declared 'wrap'"):
+        progress.finished("transform")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from smpcheck.compat import dtype_kwarg
+from smpcheck.phases import LOAD, WRAP
 from smpcheck.source import ModelSource
 from smpcheck.strategies.finetune import LoraSpec
 
@@ -68,6 +69,11 @@ class StrategyBase:
     def unavailable(self) -> str | None:
         return None
 
+    def phase_names(self, opts: RunOptions) -> tuple[str, ...]:
+        """The phases ``phases(opts)`` yields, in order: the job marks each as it starts, so
+        a failure or a planted fault is charged to the phase that was running."""
+        return (LOAD, WRAP)
+
     @classmethod
     def tp_degree(cls, requested: int, world: int) -> int:
         """The TP degree a run with ``--tp requested`` on ``world`` ranks uses."""
@@ -94,6 +100,10 @@ class Strategy(Protocol):
 
     def unavailable(self) -> str | None:
         """Why this strategy cannot run here (None when it can)."""
+        ...
+
+    def phase_names(self, opts: RunOptions) -> tuple[str, ...]:
+        """The names ``phases`` yields, in order."""
         ...
 
     def phases(self, opts: RunOptions) -> Iterator[str]: ...

@@ -28,6 +28,9 @@ class TransformersTPPlan(StrategyBase):
     def unavailable(self) -> str | None:
         return tp_plan_unavailable()
 
+    def phase_names(self, opts: RunOptions) -> tuple[str, ...]:
+        return (LOAD,)  # from_pretrained(tp_plan=...) loads and shards in one step
+
     def phases(self, opts: RunOptions) -> Iterator[str]:
         import torch
         from transformers import AutoConfig
@@ -56,6 +59,9 @@ class SageMakerSMP(StrategyBase):
             return ("torch.sagemaker (SMP v2) is not installed here: it ships in SageMaker's "
                     "training containers; run --strategy smp for our reference of it")
         return None
+
+    def phase_names(self, opts: RunOptions) -> tuple[str, ...]:
+        return (LOAD, TRANSFORM, WRAP)
 
     def phases(self, opts: RunOptions) -> Iterator[str]:  # pragma: no cover - needs SMP
         from contextlib import nullcontext

@@ -35,6 +35,10 @@ EVERY_RANK_SEED = 0
 class _Recipe(StrategyBase):
     every_rank_loads = False
 
+    def phase_names(self, opts: RunOptions) -> tuple[str, ...]:
+        wraps = dist.get_world_size() // opts.tp > 1 or opts.tp == 1
+        return (LOAD, *((TRANSFORM,) if opts.tp > 1 else ()), *((WRAP,) if wraps else ()))
+
     def phases(self, opts: RunOptions) -> Iterator[str]:
         rank, device = dist.get_rank(), device_of(opts)
         loader_rank = 0 if self.every_rank_loads else None
@@ -109,6 +113,9 @@ class Streaming(StrategyBase):
     memory_strategy = "streaming"
     fine_tuning = False  # streams the checkpoint's own model
     whole_model_on_rank0 = False  # no rank ever holds it: the point of streaming
+
+    def phase_names(self, opts: RunOptions) -> tuple[str, ...]:
+        return (LOAD,)  # each rank shards as it receives: load is the whole of it
 
     def phases(self, opts: RunOptions) -> Iterator[str]:
         from reference_impl.streaming import load_streaming

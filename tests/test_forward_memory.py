@@ -14,7 +14,7 @@ import transformers as T
 
 import smpcheck
 from reference_impl import DelayedParamIniter, apply_fsdp2, load_on_rank0
-from smpcheck.checks.forward import unit_sizes
+from smpcheck.checks.unsharding import unit_sizes
 from smpcheck.memory import MemoryMonitor, ModelSize, memory_bound, read_status
 from tests.faults import build
 from tests.models import write_checkpoint

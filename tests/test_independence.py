@@ -64,3 +64,52 @@ def test_folders_import_only_downstream(folder: str, forbidden: set[str]) -> Non
     never into the checks that fill it (docs/architecture.md's import table)."""
     for path in _files(folder):
         assert not _smpcheck_modules(path) & forbidden, path
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """``{module: smpcheck modules it imports}``, function-level imports included (a lazy
+    import is still a dependency), ``if TYPE_CHECKING:`` blocks left out (no import at run
+    time), the package root ``smpcheck`` (the public face) left out."""
+    modules = {}
+    for path in _files("smpcheck"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+
+    def owner(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(sub) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and "TYPE_CHECKING" in ast.unparse(node.test) for sub in ast.walk(node)}
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("smpcheck"):
+                deps |= {owner(f"{node.module}.{alias.name}") for alias in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {owner(a.name) for a in node.names if a.name.startswith("smpcheck")}
+        graph[name] = deps - {name, "smpcheck", ""}
+    return graph
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No import circle: a module that needs another's parts never lends it its own (a
+    circle is two modules that are one, split by accident)."""
+    graph = _import_graph()
+    circles = []
+    for start in graph:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    circles.append(" -> ".join([*path, start]))
+                elif dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, [*path, dep]))
+    assert not circles, circles

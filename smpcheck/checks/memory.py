@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from smpcheck.checks.base import CheckContext, Skip, merge_findings, ranked, result
-from smpcheck.checks.forward import unit_sizes
+from smpcheck.checks.unsharding import unit_sizes
 from smpcheck.memory import Bound, MemoryRecord
 from smpcheck.phases import FORWARD, bounded
 from smpcheck.report.model import CheckResult, Finding

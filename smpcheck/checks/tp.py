@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from smpcheck.checks.base import CheckContext, LocalFindings, Skip, judge_local
+from smpcheck.checks.unsharding import training_forward_memory
 from smpcheck.expected import diagnose_shard
 from smpcheck.heads import head_layout, head_split_dims, split_heads
 from smpcheck.report.model import CheckResult, Finding
@@ -152,7 +153,6 @@ class TPNumerics:
         return Batch(ids, model_device, dense_device, _model_dtype(ctx.inner))
 
     def collective(self, ctx: CheckContext, batch: Batch) -> LocalFindings:
-        from smpcheck.checks.forward import training_forward_memory  # forward imports this
 
         kept = _take_grads(ctx.model, ctx.dense_model)  # the caller's, given back after
         try:

@@ -22,8 +22,9 @@ vanish    this rank's own copy of the checkpoint (made at start, as another node
           holds one) deleted
 ========  =====================================================================================
 
-With ``SMPCHECK_DEBUG_FAULT_MARK=PATH`` a ``hang`` or ``stall`` writes the instant it began to
-PATH, and every rank's watchdog counts its timeout from that instant (:mod:`smpcheck.launch`),
+With ``SMPCHECK_DEBUG_FAULT_MARK=PATH`` a fault writes the instant it fired to PATH (so a test
+knows it fired at all: a phase a run never enters plants nothing), and under a ``hang`` or
+``stall`` every rank's watchdog counts its timeout from that instant (:mod:`smpcheck.launch`),
 so a test of the timeout path sees the rank inside its fault however slowly ranks started.
 The file damage is :func:`damaged`, so a test can compute what the file must hold afterwards.
 Nothing here runs unless the variable is set.
@@ -118,6 +119,7 @@ def arrive(rank: int, phase: str) -> None:
     if fault.phase != phase or (fault.rank != rank and fault.kind not in REPORT_KINDS):
         return
     _armed.fired = True
+    _announce()
     _FIRE[fault.kind](_armed)
 
 
@@ -133,9 +135,10 @@ def timeout_mark() -> Path | None:
 
 
 def _announce() -> None:
-    mark = timeout_mark()
-    if mark is not None:
-        write_atomically(mark, repr(time.time()))
+    """The planted fault fires now: said where the test (and, for a hang or a stall, every
+    rank's watchdog) waits for it."""
+    if os.environ.get(FAULT_MARK):
+        write_atomically(Path(os.environ[FAULT_MARK]), repr(time.time()))
 
 
 def largest_file(checkpoint: Path) -> Path:
@@ -209,7 +212,6 @@ def _raise(armed: _Armed) -> None:
 
 
 def _hang(armed: _Armed) -> None:
-    _announce()
     while True:
         time.sleep(1)
 
@@ -224,7 +226,6 @@ def _preempt(armed: _Armed) -> None:
 
 
 def _stall(armed: _Armed) -> None:
-    _announce()
     os.kill(os.getpid(), signal.SIGSTOP)
 
 

@@ -41,7 +41,6 @@ CHECKS = ("preflight", "config_parity", "initialised", "rank_parity", "checkpoin
 PHASES = ("start", "load", "transform", "wrap", *CHECKS, "report")
 EXIT_CODES = {"preempt": 128 + signal.SIGTERM, "readonly": 3, "full": 3}
 STALL_TIMEOUT_S = 10  # counted from the stall's own mark, not from the start
-STEM = "smpcheck-smp-tp2"
 
 
 @dataclass
@@ -97,9 +96,11 @@ def leftovers(tag: str, wait: float = 5.0) -> list[psutil.Process]:
 
 def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
              limit_s: float = 300) -> Cell:
-    """``smpcheck run`` (2 ranks, TP 2, so every phase runs) on a copy of ``checkpoint`` in
-    ``workdir`` with ``kind`` planted on ``rank`` at ``phase``, judged."""
+    """``smpcheck run`` (2 ranks; TP 2 where the phase is ``transform``, which only a TP run
+    has) on a copy of ``checkpoint`` in ``workdir`` with ``kind`` planted on ``rank`` at
+    ``phase``, judged."""
     cell = Cell(kind, phase, rank)
+    tp = 2 if phase == "transform" else 1
     ckpt = Path(shutil.copytree(checkpoint, workdir / "ckpt"))
     reports = workdir / "reports"
     wanted = expected_digests(kind, ckpt, digests(ckpt))
@@ -110,7 +111,7 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     timeout = STALL_TIMEOUT_S if kind == "stall" else 600
-    command = [SMPCHECK, "run", str(ckpt), "--tp", "2", "--report-dir", str(reports),
+    command = [SMPCHECK, "run", str(ckpt), "--tp", str(tp), "--report-dir", str(reports),
                "--timeout", str(timeout)]
     start = time.monotonic()
     # Its own session: a preemption signals the whole process group, and this is not in it.
@@ -118,7 +119,9 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
                          timeout=limit_s, start_new_session=True)
     cell.seconds = time.monotonic() - start
     cell.code = out.returncode
-    _judge(cell, out.stderr, reports)
+    if not (workdir / "fault-began").exists():
+        cell.problems.append(f"the fault never fired: the run never entered {phase}")
+    _judge(cell, out.stderr, reports / f"smpcheck-smp-tp{tp}.json")
     if digests(ckpt) != wanted:
         cell.problems.append("the checkpoint's bytes changed beyond the planted fault")
     left = leftovers(tag)
@@ -127,8 +130,9 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
     return cell
 
 
-def _judge(cell: Cell, stderr: str, reports: Path) -> None:
-    if cell.kind == "eio" and cell.code == 0 and (reports / f"{STEM}.json").exists():
+def _judge(cell: Cell, stderr: str, json_report: Path) -> None:
+    reports = json_report.parent
+    if cell.kind == "eio" and cell.code == 0 and json_report.exists():
         cell.note, cell.report = "nothing read after it: passed", "written"
         return
     expected = EXIT_CODES.get(cell.kind, 1)
@@ -146,7 +150,6 @@ def _judge(cell: Cell, stderr: str, reports: Path) -> None:
         cell.problems.append("the sentence names no rank")
     if "Traceback (most recent call last)" in stderr:
         cell.problems.append("a Python traceback reached the terminal")
-    json_report = reports / f"{STEM}.json"
     partial = [p.name for p in reports.glob(".*.partial")] if reports.exists() else []
     if partial:
         cell.problems.append(f"partial files left in the report directory: {partial}")

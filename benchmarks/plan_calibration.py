@@ -57,6 +57,13 @@ def write_checkpoint(path: Path, params: float, hidden: int, vocab: int) -> int:
     return size
 
 
+def head() -> str:
+    """The commit the measurements run at (the checkout's HEAD)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
+    return done.stdout.strip() or "?"
+
+
 def available_strategies() -> list[str]:
     """Every strategy ``smpcheck run`` knows that can run here (SMP v2 needs SageMaker)."""
     from smpcheck.strategies import STRATEGIES
@@ -130,10 +137,23 @@ def table(rows: list[dict], nproc: int, dtype: str) -> str:
 # What each term scales with (smpcheck.plan.FEATURES), by what the phase holds: a rank's shard
 # where the weights are split, the whole model where every rank keeps a loaded copy (naive,
 # accelerate's every-rank load, ZeRO-2's replicated parameters). At one world size the shard
-# and the model are proportional, so this is a choice from how each strategy works, not a fit;
-# the forward term picks the model or the largest unit, whichever fits the three sizes better.
+# and the model are proportional, so that is a choice from how each strategy works, not a fit.
+# Each term is then fitted as each of its candidates (features, with a constant or not: two
+# numbers each, three sizes) and the one that best predicts each size from the other two is
+# kept (_held_out_error) among those within INSIDE of every peak measured, fitted on all
+# three: the init term's first candidate is memory.py's own share of the model
+# (memory.rank_share).
 WHOLE_COPY = {"naive", "accelerate-fsdp", "accelerate-fsdp1", "deepspeed-zero2"}
-FORWARD_CANDIDATES = ("model", "unit")
+INSIDE = 0.14
+
+
+def candidates(term: str, kind: str) -> list[tuple[tuple[str, ...], bool]]:
+    """(features, with a constant) to try for ``term``; ``kind`` is shard or model."""
+    if term == "init":
+        return [(("share",), True), ((kind,), True), (("share", "unit"), False)]
+    if term == "forward":
+        return [(("model",), True), (("unit",), True), (("model", "unit"), False)]
+    return [((kind,), True), ((kind, "unit"), False)]
 
 
 def _anon_at(record: dict, t: float) -> int:
@@ -181,22 +201,45 @@ def measurements(report_dir: Path, ckpt: Path, dtype: str) -> dict:
     return out
 
 
-def _lstsq(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
-    """``y = x * a + b`` by least squares relative to ``y`` (every size counts alike);
-    returns (a, b, largest relative residual)."""
+def _fit_term(columns: list[list[float]], const: bool, ys: list[float],
+              peaks: list[float]) -> tuple[list[float], float, float]:
+    """Least squares of ``ys`` on ``columns`` (and a constant), relative to each size's phase
+    peak (every size counts alike); (coefficients, constant, largest error / peak)."""
     import numpy as np
 
-    w = np.array([1 / max(abs(y), 2**20) for y in ys])
-    a = np.stack([np.array(xs), np.ones(len(xs))], 1) * w[:, None]
-    (slope, const), *_ = np.linalg.lstsq(a, np.array(ys) * w, rcond=None)
-    worst = max(abs(slope * x + const - y) / max(abs(y), 2**20) for x, y in zip(xs, ys))
-    return float(slope), float(const), float(worst)
+    w = np.array([1 / max(abs(p), 2**20) for p in peaks])
+    cols = [np.array(c) for c in columns] + ([np.ones(len(ys))] if const else [])
+    a = np.stack(cols, 1) * w[:, None]
+    solution, *_ = np.linalg.lstsq(a, np.array(ys) * w, rcond=None)
+    coefs = [float(v) for v in solution[:len(columns)]]
+    c = float(solution[-1]) if const else 0.0
+    fitted = np.stack(cols, 1) @ solution
+    worst = float(max(abs(f - y) * wi for f, y, wi in zip(fitted, ys, w)))
+    return coefs, c, worst
+
+
+def _held_out_error(columns: list[list[float]], const: bool, ys: list[float],
+                    peaks: list[float]) -> float:
+    """The largest error (relative to the peak) of predicting each size from a fit on the
+    others: how a candidate extrapolates. A candidate is chosen by this, so that the one
+    kept is the one that carries to sizes not measured, not the one that bends best through
+    three points."""
+    if len(ys) <= len(columns) + const:
+        return 0.0
+    worst = 0.0
+    for i in range(len(ys)):
+        keep = [j for j in range(len(ys)) if j != i]
+        coefs, c, _ = _fit_term([[col[j] for j in keep] for col in columns], const,
+                                [ys[j] for j in keep], [peaks[j] for j in keep])
+        predicted = sum(a * col[i] for a, col in zip(coefs, columns)) + c
+        worst = max(worst, abs(predicted - ys[i]) / max(abs(peaks[i]), 2**20))
+    return worst
 
 
 def fit_constants(measured: dict, features: dict | None = None) -> dict:
     """The constants of smpcheck.plan from ``{size: measurements(...)}``: per strategy and
-    rank (0, other) a line through the sizes for each term. ``features`` (a fit's own
-    ``strategies``) pins each term's feature to that fit's choice (the held-out fits)."""
+    rank (0, other) each term's best candidate. ``features`` (a fit's own ``strategies``)
+    pins each term's features to that fit's choice (the held-out fits)."""
     from smpcheck.memory import ModelSize, rank_share
     from smpcheck.plan import feature_bytes
     from smpcheck.plan_cli import strategy_facts
@@ -206,48 +249,58 @@ def fit_constants(measured: dict, features: dict | None = None) -> dict:
     baselines = [r["baseline"] for m in sizes for s in m["strategies"].values()
                  for r in s["per_rank"]]
     fit = {"baseline_bytes": int(sum(baselines) / len(baselines)), "strategies": {}}
+
+    def model(m: dict) -> ModelSize:
+        return ModelSize(m["model"]["total"], m["model"]["largest_tensor"],
+                         m["model"]["largest_unit"])
+
     for name in names:
         world = sizes[0]["strategies"][name]["world"]
         facts = strategy_facts([name], world)[0]
+        kind = "model" if name in WHOLE_COPY else "shard"
         ranks = []
         for rank, key in ((0, "rank0"), (1, "others")):
-            def model(m: dict) -> ModelSize:
-                return ModelSize(m["model"]["total"], m["model"]["largest_tensor"],
-                                 m["model"]["largest_unit"])
-
             rows = [(model(m), m["strategies"][name][key]) for m in sizes]
-            init = _lstsq([rank_share(facts.memory_strategy, s, rank, facts.sharded_over)
-                           * s.total for s, _ in rows], [r["init"] for _, r in rows])
-            kind = "model" if name in WHOLE_COPY else "shard"
-            terms = {"memory_strategy": facts.memory_strategy,
-                     "init": {"feature": "none", "x": init[0], "const": init[1],
-                              "worst": init[2]}}
-            resident_ys = [r["resident"] for _, r in rows]
-            for term, candidates, ys in (
-                    ("resident", (kind,), resident_ys),
-                    ("check", (kind,), [(r["check"] or 0) - r["resident"] for _, r in rows]),
-                    ("forward", FORWARD_CANDIDATES,
-                     [(r["forward"] or 0) - r["resident"] for _, r in rows])):
+            shares = [rank_share(facts.memory_strategy, s, rank, facts.sharded_over) * s.total
+                      for s, _ in rows]
+            resident = [r["resident"] for _, r in rows]
+            targets = {
+                "init": ([r["init"] for _, r in rows], [r["init"] for _, r in rows]),
+                "resident": (resident, resident),
+                "check": ([(r["check"] or 0) - r["resident"] for _, r in rows],
+                          [r["check"] or r["resident"] for _, r in rows]),
+                "forward": ([(r["forward"] or 0) - r["resident"] for _, r in rows],
+                            [r["forward"] or r["resident"] for _, r in rows])}
+            terms: dict = {"memory_strategy": facts.memory_strategy}
+            for term, (ys, peaks) in targets.items():
+                tried = candidates(term, kind)
                 if features is not None:
-                    candidates = (features[name][rank][term]["feature"],)
-                best = None
-                for feature in candidates:
-                    xs = [feature_bytes(feature, s, facts.sharded_over) for s, _ in rows]
-                    slope, const, worst = _lstsq(xs, ys)
-                    # judge a candidate by the error on the phase's peak, not on the extra
-                    peaks = [y + (0 if term == "resident" else res) for y, res in
-                             zip(ys, resident_ys)]
-                    err = max(abs(slope * x + const - y) / max(abs(p), 2**20)
-                              for x, y, p in zip(xs, ys, peaks))
-                    if best is None or err < best["worst"]:
-                        best = {"feature": feature, "x": slope, "const": const, "worst": err}
+                    pinned = features[name][rank][term]
+                    tried = [(tuple(f for f in (pinned["feature"], pinned.get("feature2",
+                              "none")) if f != "none"), pinned["const"] != 0)]
+                best, best_score = None, None
+                for feats, const in tried:
+                    columns = [[share if f == "share" else
+                                feature_bytes(f, s, facts.sharded_over)
+                                for (s, _), share in zip(rows, shares)] for f in feats]
+                    coefs, c, worst = _fit_term(columns, const, ys, peaks)
+                    # within INSIDE of each peak measured, the one that extrapolates best
+                    score = (max(worst, INSIDE), _held_out_error(columns, const, ys, peaks),
+                             worst)
+                    if best is None or score < best_score:
+                        best_score = score
+                        best = {"feature": feats[0], "x": coefs[0],
+                                "feature2": feats[1] if len(feats) > 1 else "none",
+                                "x2": coefs[1] if len(feats) > 1 else 0.0,
+                                "const": c, "worst": worst}
                 terms[term] = best
             ranks.append(terms)
         fit["strategies"][name] = ranks
     return fit
 
 
-def held_out_plan(ckpt: Path, here: dict, others: dict, dtype: str) -> dict[str, int]:
+def held_out_plan(ckpt: Path, here: dict, others: dict, dtype: str,
+                  features: dict) -> dict[str, int]:
     """The node peak of each strategy for this size, predicted by constants fitted on the
     OTHER sizes only (each term's feature as the shipped fit chose it): how well the model
     extrapolates, not how well it interpolates."""
@@ -255,9 +308,7 @@ def held_out_plan(ckpt: Path, here: dict, others: dict, dtype: str) -> dict[str,
 
     from smpcheck.plan import checkpoint_facts, plan
     from smpcheck.plan_cli import strategy_facts
-    from smpcheck.plan_fit import FIT
-
-    fit = fit_constants(others, FIT["strategies"])
+    fit = fit_constants(others, features)
     size, numel, itemsize = checkpoint_facts(ckpt, getattr(torch, dtype))
     names = [n for n in here["strategies"] if n in fit["strategies"]]
     world = next(iter(here["strategies"].values()))["world"]
@@ -281,13 +332,70 @@ def write_fit(fit: dict, path: Path, provenance: str) -> None:
     path.write_text(
         '"""The constants of ``smpcheck plan`` (:mod:`smpcheck.plan`), fitted from '
         'measurements.\n\nWritten by ``benchmarks/plan_calibration.py --fit``: do not edit by '
-        'hand, rerun it.\nPer strategy, [rank 0, any other rank], per term: ``x * feature + '
-        'const`` bytes (init:\n``x`` scales memory.rank_share, the share of the model '
-        'memory.py\'s bound model says\nthe rank holds); ``worst`` is the largest error of '
-        'that term, relative to the phase\'s\npeak, over the sizes fitted. ``forward`` is '
-        'the forward phase\'s extra above ``resident``:\nwhat a change to the forward '
-        'check\'s unsharding moves.\n"""\n\n'
+        'hand, rerun it.\nPer strategy, [rank 0, any other rank], per term (smpcheck.plan.'
+        'Term): ``x * feature +\nx2 * feature2 + const`` bytes, the features as '
+        'smpcheck.plan.FEATURES (``share``: memory.py\'s\nshare of the model for the rank, '
+        'memory.rank_share); ``worst`` is the largest error of that\nterm, relative to the '
+        'phase\'s peak, over the sizes fitted. ``forward`` is the forward\nphase\'s extra '
+        'above ``resident``: what a change to the forward check\'s unsharding moves.\n'
+        '"""\n\n'
         f"PROVENANCE = {pprint.pformat(provenance, width=80)}\n\nFIT: dict = {body}\n")
+
+
+def validation(args: argparse.Namespace, measured_elsewhere: Path) -> list[dict]:
+    """Measure (unless --reuse) ``--validate``'s size on its own world size, and compare
+    the plan with it: rows as in the calibration table."""
+    size, nproc = args.validate.split(":")
+    nproc = int(nproc)
+    params, hidden, vocab = SIZES[size]
+    ckpt = args.workdir / f"llama-{size}"
+    write_checkpoint(ckpt, params, hidden, vocab)
+    if not args.reuse:
+        strategies = args.strategies.split(",") if args.strategies else available_strategies()
+        report_dir = args.workdir / f"v{nproc}-{size}"
+        measure(ckpt, strategies, nproc, args.dtype, report_dir)
+        measured_elsewhere.write_text(json.dumps(
+            {"size": size, "nproc": nproc, "commit": head(),
+             **measurements(report_dir, ckpt, args.dtype)},
+            indent=1) + "\n")
+    data = json.loads(measured_elsewhere.read_text())
+    plan = {s["name"]: s for s in plan_for(ckpt, nproc, args.dtype)["strategies"]}
+    rows = []
+    for name, m in data["strategies"].items():
+        node = sum(r["all"] for r in m["per_rank"])
+        rank0 = m["rank0"]["all"]
+        predicted = plan[name]
+        rows.append({
+            "size": f"{size}, {nproc} ranks", "nproc": nproc, "strategy": name, "ok": m["ok"],
+            "model_bytes": data["model"]["total"], "node_measured": node,
+            "node_predicted": predicted["node_peak_bytes"],
+            "node_error_pct": 100 * (predicted["node_peak_bytes"] - node) / node,
+            "rank0_measured": rank0, "rank0_predicted": predicted["rank0_peak_bytes"],
+            "rank0_error_pct": 100 * (predicted["rank0_peak_bytes"] - rank0) / rank0,
+            "peak_phase_predicted": predicted["peak_phase"], "node_held_out_pct": None})
+    return rows
+
+
+def moved(before: dict, after: dict) -> str:
+    """Markdown: each strategy's whole-run node total and forward extra (per non-zero rank,
+    above what it holds after init) in two sets of measurements (before and after a change
+    to the forward phase): which numbers a recalibration moves."""
+    gib, mib = 2**30, 2**20
+    lines = [f"Measured at {next(iter(before.values())).get('commit', '?')} (before) and "
+             f"{next(iter(after.values())).get('commit', '?')} (after).", "",
+             "| model | strategy | node total before | after | change | forward extra per "
+             "rank before | after |", "|---|---|---:|---:|---:|---:|---:|"]
+    for size in before:
+        if size not in after:
+            continue
+        for name in sorted(set(before[size]["strategies"]) & set(after[size]["strategies"])):
+            a, b = before[size]["strategies"][name], after[size]["strategies"][name]
+            na, nb = (sum(r["all"] for r in m["per_rank"]) for m in (a, b))
+            fa, fb = ((m["others"]["forward"] or 0) - m["others"]["resident"] for m in (a, b))
+            lines.append(f"| {size} | {name} | {na / gib:.2f} GiB | {nb / gib:.2f} GiB | "
+                         f"{100 * (nb - na) / na:+.0f}% | {fa / mib:.0f} MiB | "
+                         f"{fb / mib:.0f} MiB |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -304,6 +412,9 @@ def main() -> None:
                         help="reuse the measurements in --out; refit and recompute the plan")
     parser.add_argument("--fit", action="store_true",
                         help="refit smpcheck/plan_fit.py from the measurements first")
+    parser.add_argument("--validate", default="1e8:2",
+                        help="SIZE:NPROC measured too and never fitted on: how the plan carries "
+                        "to another world size (empty: none)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     kept = args.out / "measurements.json"
@@ -319,15 +430,14 @@ def main() -> None:
             report_dir = args.workdir / f"r-{size}"
             measure(ckpt, strategies, args.nproc, args.dtype, report_dir)
             comparison(report_dir, args.out, size)
-            measured[size] = {"nproc": args.nproc, "dtype": args.dtype,
+            measured[size] = {"nproc": args.nproc, "dtype": args.dtype, "commit": head(),
                               **measurements(report_dir, ckpt, args.dtype)}
             kept.write_text(json.dumps(measured, indent=1) + "\n")
+    shipped = None
     if args.fit:
-        import subprocess as sp
-
-        commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                        text=True, cwd=ROOT, check=False).stdout.strip()
+        commit = ", ".join(sorted({measured[s].get("commit", "?") for s in sizes}))
         fit = fit_constants({s: measured[s] for s in sizes})
+        shipped = fit["strategies"]
         write_fit(fit, ROOT / "smpcheck/plan_fit.py",
                   f"benchmarks/plan_calibration.py on {time.strftime('%Y-%m-%d')}, commit "
                   f"{commit or '?'}: synthetic Llama {', '.join(sizes)} params, "
@@ -339,8 +449,12 @@ def main() -> None:
         write_checkpoint(ckpt, params, hidden, vocab)
         plan = {s["name"]: s for s in plan_for(ckpt, args.nproc, args.dtype)["strategies"]}
         others = [s for s in sizes if s != size]
+        if shipped is None:
+            from smpcheck.plan_fit import FIT
+
+            shipped = FIT["strategies"]
         held_out = held_out_plan(ckpt, measured[size], {s: measured[s] for s in others},
-                                 args.dtype) if len(others) >= 2 else {}
+                                 args.dtype, shipped) if len(others) >= 2 else {}
         for name, m in measured[size]["strategies"].items():
             node = m["rank0"]["all"] + sum(r["all"] for r in m["per_rank"][1:])
             rank0 = m["rank0"]["all"]
@@ -356,7 +470,15 @@ def main() -> None:
                 "node_held_out_pct": (100 * (held_out[name] - node) / node
                                       if name in held_out else None)})
     text = table(rows, args.nproc, args.dtype)
+    if args.validate:
+        checked = validation(args, measured_elsewhere=args.out / "validation.json")
+        rows += checked
+        text += ("\nValidation, never fitted on: the same plan for another world size.\n\n"
+                 + table(checked, checked[0]["nproc"], args.dtype).split("\n", 2)[2])
     (args.out / "table.md").write_text(text)
+    before = args.out / "before-forward-fix" / "measurements.json"
+    if before.exists():  # the forward phase's fix, measured on both sides
+        (before.parent / "moved.md").write_text(moved(json.loads(before.read_text()), measured))
     (args.out / "calibration.json").write_text(json.dumps(
         {"nproc": args.nproc, "dtype": args.dtype, "rows": rows}, indent=2) + "\n")
     print(text)

@@ -45,7 +45,9 @@ from smpcheck.memory import ModelSize, rank_share
 from smpcheck.plan_fit import FIT, PROVENANCE
 
 PHASES = ("init", "check", "forward")
-FEATURES = ("model", "shard", "unit", "none")
+# what a term scales with: the whole model, a rank's shard of it, the largest FSDP unit, and
+# (init only) memory.py's share of the model for the rank (memory.rank_share x the model)
+FEATURES = ("model", "shard", "unit", "share", "none")
 
 
 @dataclass(frozen=True)
@@ -62,27 +64,29 @@ class StrategyFacts:
 
 @dataclass(frozen=True)
 class Term:
-    """``x * feature + const`` bytes, ``feature`` one of :data:`FEATURES`."""
+    """``x * feature + x2 * feature2 + const`` bytes, each feature one of :data:`FEATURES`."""
 
     feature: str = "none"
     x: float = 0.0
     const: float = 0.0
+    feature2: str = "none"
+    x2: float = 0.0
     worst: float = 0.0  # the fit's largest error over the sizes measured, relative to the peak
 
-    def bytes(self, size: ModelSize, sharded_over: int) -> float:
-        return self.x * feature_bytes(self.feature, size, sharded_over) + self.const
+    def bytes(self, features: dict[str, float]) -> float:
+        return self.x * features[self.feature] + self.x2 * features[self.feature2] + self.const
 
 
 def feature_bytes(feature: str, size: ModelSize, sharded_over: int) -> float:
     """The bytes a term scales with: the whole model, one rank's shard, the largest unit."""
     return {"model": size.total, "shard": size.total / sharded_over,
-            "unit": size.largest_unit, "none": 0.0}[feature]
+            "unit": size.largest_unit, "none": 0.0}[feature]  # "share": see predict_rank
 
 
 @dataclass(frozen=True)
 class RankModel:
-    """One rank's terms: ``init`` scales memory.py's share of the model (``x``) plus
-    ``const``; ``resident``, ``check`` and ``forward`` as :class:`Term`."""
+    """One rank's terms: the init phase's peak, what it holds after init (``resident``), and
+    what the check and forward phases add above that."""
 
     init: Term
     resident: Term
@@ -153,11 +157,13 @@ def predict_rank(model: RankModel, facts: StrategyFacts, size: ModelSize, rank: 
                  skip: Iterable[str] = ()) -> RankPrediction:
     """One rank's peak above idle: the largest of init, resident + check and resident +
     forward (a phase in ``skip`` is not run, as ``smpcheck run --skip forward``)."""
-    share = rank_share(facts.memory_strategy, size, rank, facts.sharded_over)
-    init = model.init.x * share * size.total + model.init.const
-    resident = model.resident.bytes(size, facts.sharded_over)
-    phases = {"init": init, "check": resident + model.check.bytes(size, facts.sharded_over),
-              "forward": resident + model.forward.bytes(size, facts.sharded_over)}
+    features = {f: feature_bytes(f, size, facts.sharded_over) for f in FEATURES
+                if f != "share"}
+    features["share"] = rank_share(facts.memory_strategy, size, rank,
+                                   facts.sharded_over) * size.total
+    resident = model.resident.bytes(features)
+    phases = {"init": model.init.bytes(features), "check": resident + model.check.bytes(features),
+              "forward": resident + model.forward.bytes(features)}
     phases = {k: int(max(0.0, v)) for k, v in phases.items() if k not in skip}
     phase = max(phases, key=phases.__getitem__)
     return RankPrediction(phases[phase], phases, phase)

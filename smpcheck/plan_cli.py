@@ -83,6 +83,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from smpcheck.checkpoint import CheckpointError
+    from smpcheck.inputs import validate
     from smpcheck.plan import checkpoint_facts, node_memory_here, parse_bytes, plan
     from smpcheck.source import resolve
 
@@ -102,6 +103,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         source_of_budget = "MemAvailable"
     names = _names(args.strategy)
     source = resolve(args.model)
+    validate(source.path)  # config.json and the headers, each problem one sentence
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         size, numel, itemsize = checkpoint_facts(source.path, dtype)

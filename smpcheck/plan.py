@@ -8,24 +8,29 @@ device and the communicator initialised), at its peak over the WHOLE ``smpcheck 
 the strategy's load, transform and wrap and smpcheck's own check and forward phases, summed
 over a node's ranks (an upper bound of the simultaneous total).
 
-The model, per strategy and per rank (rank 0, or any other), with ``M`` the model's bytes in
-the loaded dtype, ``U`` its largest FSDP unit and ``S = M / sharded_over``:
+The model, per strategy and per rank (rank 0, or any other), from the model's bytes in the
+loaded dtype (``ModelSize``: the whole, the largest FSDP unit) and the ranks the weights are
+split over:
 
-* init (load, transform, wrap): memory.py's own per-strategy row (:func:`memory.rank_share`,
-  the model the run's memory bound uses), scaled by a fitted factor, plus a constant;
+* init (load, transform, wrap): memory.py's own per-strategy row first (``share``:
+  :func:`memory.rank_share`, the model the run's memory bound uses), scaled and offset;
 * after init a rank holds ``resident`` (its shards, a loaded copy some strategies keep, an
   optimizer's state);
 * the check phase adds ``check`` above that (expected values read one tensor at a time);
 * the forward phase adds ``forward`` above that: a separate, named term
   (:data:`FORWARD_EXTRA`), because it is what changes when the forward's unsharding changes
-  (FSDP2's root unit stays unsharded after an inference forward: ~0.6-0.9x the model per rank
-  when this was calibrated);
+  (before 8ab4e3b, FSDP2's root unit stayed unsharded after an inference forward);
 
-and the rank's peak is the largest of the three. Each term is ``x * feature + const`` with the
-feature (the whole model, the rank's shard, the largest unit) chosen per strategy from what the
-phase holds, and ``x`` and ``const`` fitted from measurements by
-``benchmarks/plan_calibration.py`` (3 sizes x 4 ranks, written to :mod:`smpcheck.plan_fit`).
-A rerun of that script after a change to what a phase costs is all a recalibration takes.
+and the rank's peak is the largest of the three. Each term is ``x * feature [+ x2 * feature2]
+[+ const]`` (:class:`Term`): a rank's shard where the strategy splits the weights, the whole
+model where every rank keeps a copy (a choice from how the strategy works: at one world size
+the two are proportional), the largest unit, or memory.py's share. Among a few such
+candidates per term, ``benchmarks/plan_calibration.py`` keeps the one that best predicts each
+measured size from the others, fits it on all (3 sizes x 4 ranks, CPU, float32 loads) and
+writes :mod:`smpcheck.plan_fit`; a rerun of that script after a change to what a phase costs
+is all a recalibration takes. Loads in a checkpoint's own dtype are memory-mapped by
+transformers 5 (file-backed, not anonymous): there the plan, calibrated on owned float32
+weights, is an upper bound.
 
 Device memory for training (parameters, gradients, Adam: two fp32 states, plus fp32 masters
 where the parameters are in lower precision) is stated per rank under each strategy's

@@ -88,6 +88,7 @@ def measure(ckpt: Path, strategies: list[str], nproc: int, dtype: str, report_di
 def comparison(report_dir: Path, out: Path, size: str) -> None:
     """The comparison of the reports in ``report_dir`` as this checkout writes it (whole-run
     peaks beside the plan's prediction), as ``out/compare-SIZE.{json,html}``."""
+    from smpcheck.plan_cli import predicted
     from smpcheck.report.compare import write_comparison
     from smpcheck.report.model import Report
 
@@ -95,7 +96,7 @@ def comparison(report_dir: Path, out: Path, size: str) -> None:
     for path in sorted(report_dir.glob("smpcheck-*-tp*.json")):
         report = Report.from_json(path)
         reports[report.environment["strategy"]] = report
-    write_comparison(reports, out, f"compare-{size}")
+    write_comparison(reports, out, f"compare-{size}", predicted(reports))
 
 
 def plan_for(ckpt: Path, nproc: int, dtype: str) -> dict:

@@ -357,9 +357,12 @@ def _compare(args: argparse.Namespace) -> int:
         worst = max(worst, _run(argparse.Namespace(**{**vars(args), "strategy": strategy})))
         if path.exists():
             reports[strategy] = Report.from_json(path)
+    from smpcheck.plan_cli import predicted
+
     model = Path(args.model).name if args.model else "demo"
-    out = write_comparison(reports, args.report_dir, f"compare-{model}")
-    print(text_table(compare(reports)))
+    plan = predicted(reports)
+    out = write_comparison(reports, args.report_dir, f"compare-{model}", plan)
+    print(text_table(compare(reports, plan)))
     print(f"[smpcheck] comparison: {out}")
     return worst
 

@@ -97,11 +97,13 @@ class RankModel:
     resident: Term
     check: Term
     forward: Term
+    memory_strategy: str = ""  # the memory._holds row its ``share`` feature was fitted with
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RankModel:
         """From one rank's entry of :data:`smpcheck.plan_fit.FIT` (other keys ignored)."""
-        return cls(**{k: Term(**data[k]) for k in ("init", "resident", "check", "forward")})
+        return cls(**{k: Term(**data[k]) for k in ("init", "resident", "check", "forward")},
+                   memory_strategy=data.get("memory_strategy", ""))
 
 
 # The forward phase's extra above what a rank holds after init, by strategy and rank
@@ -164,7 +166,9 @@ def predict_rank(model: RankModel, facts: StrategyFacts, size: ModelSize, rank: 
     forward (a phase in ``skip`` is not run, as ``smpcheck run --skip forward``)."""
     features = {f: feature_bytes(f, size, facts.sharded_over) for f in FEATURES
                 if f != "share"}
-    features["share"] = rank_share(facts.memory_strategy, size, rank,
+    # The share as fitted: a memory row changed since (a bound corrected) moves the bound at
+    # once, and the plan only when benchmarks/plan_calibration.py --fit measures it again.
+    features["share"] = rank_share(model.memory_strategy or facts.memory_strategy, size, rank,
                                    facts.sharded_over) * size.total
     resident = model.resident.bytes(features)
     phases = {"init": model.init.bytes(features), "check": resident + model.check.bytes(features),

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="a phase the run will not have: forward (run --skip forward) or check")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     return plan
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 onto 2 inside the block: a library's logging handler holds the
+    original ``sys.stdout``, so only the descriptor can be moved."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def strategy_facts(names: list[str], world: int) -> list[Any]:
@@ -165,7 +184,29 @@ def text(data: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the plan; 0 when a strategy fits, 1 when none does."""
-    data = build(args)
+    """Print the plan; 0 when a strategy fits, 1 when none does. Whatever the libraries
+    print while the plan is made (DeepSpeed announces its accelerator on stdout) goes to
+    stderr, so ``--json`` output parses."""
+    with _stdout_to_stderr():
+        data = build(args)
     print(json.dumps(data, indent=2) if args.json else text(data))
     return 0 if data["recommended"] else 1
+
+
+def predicted(reports: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``smpcheck plan`` for the compared reports' model, world and loaded dtype (one node:
+    compare self-launches), by strategy, to show beside what each run measured; empty, and
+    said, where it cannot be computed (a model no longer on disk, a strategy the plan was
+    never calibrated for)."""
+    if not reports:
+        return {}
+    env = next(iter(reports.values())).environment
+    try:
+        forward = any(p["name"] == "forward" for r in reports.values()
+                      for rec in r.memory.get("ranks", [])[:1] for p in rec["phases"])
+        return plan_for_run(env["model_path"], int(env["world_size"]),
+                            int(env.get("model_bytes") or 0), list(reports),
+                            skip=() if forward else ("forward",))
+    except Exception as exc:  # noqa: BLE001 - the comparison stands without the prediction
+        print(f"[smpcheck] no plan beside the comparison: {type(exc).__name__}: {exc}")
+        return {}

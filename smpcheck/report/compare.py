@@ -60,12 +60,11 @@ def summarize(strategy: str, report: Report) -> dict[str, Any]:
 def compare(reports: dict[str, Report],
             plan: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The rows side by side, each beside ``smpcheck plan``'s prediction for it (``plan``:
-    strategy -> its plan row; by default computed here for the reports' model, ranks and
-    dtype, and left out where it cannot be)."""
+    strategy -> its plan row, made by the caller: the report never reaches up into the
+    strategies; a strategy without one has empty plan columns)."""
     rows = [summarize(name, report) for name, report in reports.items()]
     naive = next((r for r in rows if r["strategy"] == "naive"), None)
-    if plan is None:
-        plan = predicted(reports)
+    plan = plan or {}
     for row in rows:
         row["node_total_x_naive"] = (row["node_total"] / naive["node_total"]
                                      if naive and naive["node_total"] else None)
@@ -89,26 +88,6 @@ def _beside_plan(row: dict[str, Any], planned: dict[str, Any] | None) -> dict[st
             "plan_rank0": planned["rank0_peak_bytes"],
             "plan_node_error_pct": error(planned["node_peak_bytes"], row["node_total_all"]),
             "plan_rank0_error_pct": error(planned["rank0_peak_bytes"], row["rank0_all"])}
-
-
-def predicted(reports: dict[str, Report]) -> dict[str, dict[str, Any]]:
-    """``smpcheck plan`` for the reports' model, world and loaded dtype (one node: compare
-    self-launches), by strategy; empty where it cannot be computed (a model no longer on
-    disk, a strategy the plan was never calibrated for). The plan's CLI layer knows the
-    strategies; it is imported here only when a comparison is made."""
-    if not reports:
-        return {}
-    env = next(iter(reports.values())).environment
-    try:
-        from smpcheck.plan_cli import plan_for_run
-
-        forward = any(p["name"] == "forward" for r in reports.values()
-                      for rec in r.memory.get("ranks", [])[:1] for p in rec["phases"])
-        return plan_for_run(env["model_path"], int(env["world_size"]),
-                            int(env.get("model_bytes") or 0), list(reports),
-                            skip=() if forward else ("forward",))
-    except Exception:  # noqa: BLE001 - the comparison stands without the prediction
-        return {}
 
 
 def write_comparison(reports: dict[str, Report], directory: str | Path, stem: str,

@@ -83,5 +83,5 @@ class DeepSpeedZero2(_DeepSpeedZero):
     """ZeRO-2: every rank loads and holds the whole model; optimizer state partitioned."""
 
     name = "deepspeed-zero2"
-    memory_strategy = "naive"
+    memory_strategy = "deepspeed-zero2"
     stage = 2

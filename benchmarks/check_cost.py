@@ -117,7 +117,7 @@ def projection(params: float = 70e9, nodes: int = 8, ranks_per_node: int = 8,
 
 def digest_throughput(nbytes: int = 1 << 30) -> dict:
     """GB/s of each digest on one core over a tensor of ``nbytes``."""
-    from smpcheck.digest import device_digest, host_digest
+    from smpcheck.shards.digest import device_digest, host_digest
 
     torch.set_num_threads(1)
     tensor = torch.randn(nbytes // 4)

@@ -1,7 +1,7 @@
 """The fault-injection campaign: every fault a cluster inflicts, at every phase of a run.
 
 Each cell is one ``smpcheck run`` of the demo model on 2 local ranks (TP 2 for the transform
-phase, which only a TP run has) and one planted fault (:mod:`smpcheck.faults`), judged by
+phase, which only a TP run has) and one planted fault (:mod:`smpcheck.run.faults`), judged by
 ``tests/fault_cells.py``: its exit code, one closing sentence naming the rank and the cause,
 the report written or the sentence saying why not, no process left, and the checkpoint as the
 fault left it (digests before and after). Writes ``cells.json`` and ``table.md`` (faults
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smpcheck.demo import demo_checkpoint  # noqa: E402
+from smpcheck.checkpoint.demo import demo_checkpoint  # noqa: E402
 from tests.fault_cells import KINDS, PHASES, Cell, run_cell  # noqa: E402
 
 RANK = {"kill": 1, "stall": 1, "eio": 1, "vanish": 1}  # the rank each fault hits (else 0)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smpcheck  # noqa: E402
-from smpcheck.pieces import iter_pieces  # noqa: E402
+from smpcheck.shards.pieces import iter_pieces  # noqa: E402
 from tests.faults import while_planted  # noqa: E402
 from tests.models import FAMILIES, MIXTRAL, write_checkpoint  # noqa: E402
 

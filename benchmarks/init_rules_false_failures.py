@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smpcheck.init_judge import ALPHA, judge, resolvable  # noqa: E402
-from smpcheck.init_rules import InitRule  # noqa: E402
-from smpcheck.init_stats import merge_stats, shard_stats  # noqa: E402
+from smpcheck.expect.fresh.init_judge import ALPHA, judge, resolvable  # noqa: E402
+from smpcheck.expect.fresh.init_rules import InitRule  # noqa: E402
+from smpcheck.expect.fresh.init_stats import merge_stats, shard_stats  # noqa: E402
 from tests.init_garbage import (  # noqa: E402
     DTYPES,
     FAMILIES,

@@ -15,7 +15,7 @@ forward phases): anonymous RSS above each rank's idle baseline, summed over the 
     python benchmarks/plan_calibration.py --fit                # also print fitted constants
 
 Rerun it after a change to what a phase costs (the forward phase, most of all: see
-``smpcheck.plan.FORWARD_EXTRA``): ``--fit`` prints the constants the new measurements give.
+``smpcheck.memory.plan.FORWARD_EXTRA``): ``--fit`` prints the constants the new measurements give.
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def measure(ckpt: Path, strategies: list[str], nproc: int, dtype: str, report_di
 def comparison(report_dir: Path, out: Path, size: str) -> None:
     """The comparison of the reports in ``report_dir`` as this checkout writes it (whole-run
     peaks beside the plan's prediction), as ``out/compare-SIZE.{json,html}``."""
-    from smpcheck.plan_cli import predicted
     from smpcheck.report.compare import write_comparison
     from smpcheck.report.model import Report
+    from smpcheck.run.plan_cli import predicted
 
     reports = {}
     for path in sorted(report_dir.glob("smpcheck-*-tp*.json")):
@@ -135,8 +135,8 @@ def table(rows: list[dict], nproc: int, dtype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# What each term scales with (smpcheck.plan.FEATURES), by what the phase holds: a rank's shard
-# where the weights are split, the whole model where every rank keeps a loaded copy (naive,
+# What each term scales with (smpcheck.memory.plan.FEATURES), by what the phase holds: a rank's
+# shard where the weights are split, the whole model where every rank keeps a loaded copy (naive,
 # accelerate's every-rank load, ZeRO-2's replicated parameters). At one world size the shard
 # and the model are proportional, so that is a choice from how each strategy works, not a fit.
 # Each term is then fitted as each of its candidates (features, with a constant or not: two
@@ -182,7 +182,7 @@ def measurements(report_dir: Path, ckpt: Path, dtype: str) -> dict:
     """Every strategy's rank 0 and mean other rank, from the reports in ``report_dir``."""
     import torch
 
-    from smpcheck.plan import checkpoint_facts
+    from smpcheck.memory.plan import checkpoint_facts
 
     size, numel, itemsize = checkpoint_facts(ckpt, getattr(torch, dtype))
     out = {"model": {"total": size.total, "largest_unit": size.largest_unit,
@@ -238,12 +238,12 @@ def _held_out_error(columns: list[list[float]], const: bool, ys: list[float],
 
 
 def fit_constants(measured: dict, features: dict | None = None) -> dict:
-    """The constants of smpcheck.plan from ``{size: measurements(...)}``: per strategy and
+    """The constants of smpcheck.memory.plan from ``{size: measurements(...)}``: per strategy and
     rank (0, other) each term's best candidate. ``features`` (a fit's own ``strategies``)
     pins each term's features to that fit's choice (the held-out fits)."""
     from smpcheck.memory import ModelSize, rank_share
-    from smpcheck.plan import feature_bytes
-    from smpcheck.plan_cli import strategy_facts
+    from smpcheck.memory.plan import feature_bytes
+    from smpcheck.run.plan_cli import strategy_facts
 
     sizes = list(measured.values())
     names = sorted(set.intersection(*(set(m["strategies"]) for m in sizes)))
@@ -307,8 +307,8 @@ def held_out_plan(ckpt: Path, here: dict, others: dict, dtype: str,
     extrapolates, not how well it interpolates."""
     import torch
 
-    from smpcheck.plan import checkpoint_facts, plan
-    from smpcheck.plan_cli import strategy_facts
+    from smpcheck.memory.plan import checkpoint_facts, plan
+    from smpcheck.run.plan_cli import strategy_facts
     fit = fit_constants(others, features)
     size, numel, itemsize = checkpoint_facts(ckpt, getattr(torch, dtype))
     names = [n for n in here["strategies"] if n in fit["strategies"]]
@@ -319,7 +319,7 @@ def held_out_plan(ckpt: Path, here: dict, others: dict, dtype: str,
 
 
 def write_fit(fit: dict, path: Path, provenance: str) -> None:
-    """smpcheck/plan_fit.py: the constants, with where they came from."""
+    """smpcheck/memory/plan_fit.py: the constants, with where they came from."""
     import pprint
 
     def rounded(value):
@@ -331,11 +331,11 @@ def write_fit(fit: dict, path: Path, provenance: str) -> None:
 
     body = pprint.pformat(rounded(fit), width=100, sort_dicts=False)
     path.write_text(
-        '"""The constants of ``smpcheck plan`` (:mod:`smpcheck.plan`), fitted from '
+        '"""The constants of ``smpcheck plan`` (:mod:`smpcheck.memory.plan`), fitted from '
         'measurements.\n\nWritten by ``benchmarks/plan_calibration.py --fit``: do not edit by '
-        'hand, rerun it.\nPer strategy, [rank 0, any other rank], per term (smpcheck.plan.'
+        'hand, rerun it.\nPer strategy, [rank 0, any other rank], per term (smpcheck.memory.plan.'
         'Term): ``x * feature +\nx2 * feature2 + const`` bytes, the features as '
-        'smpcheck.plan.FEATURES (``share``: memory.py\'s\nshare of the model for the rank, '
+        'smpcheck.memory.plan.FEATURES (``share``: memory.py\'s\nshare of the model for the rank, '
         'memory.rank_share); ``worst`` is the largest error of that\nterm, relative to the '
         'phase\'s peak, over the sizes fitted. ``forward`` is the forward\nphase\'s extra '
         'above ``resident``: what a change to the forward check\'s unsharding moves.\n'
@@ -412,7 +412,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the measurements in --out; refit and recompute the plan")
     parser.add_argument("--fit", action="store_true",
-                        help="refit smpcheck/plan_fit.py from the measurements first")
+                        help="refit smpcheck/memory/plan_fit.py from the measurements first")
     parser.add_argument("--validate", default="1e8:2",
                         help="SIZE:NPROC measured too and never fitted on: how the plan carries "
                         "to another world size (empty: none)")
@@ -439,7 +439,7 @@ def main() -> None:
         commit = ", ".join(sorted({measured[s].get("commit", "?") for s in sizes}))
         fit = fit_constants({s: measured[s] for s in sizes})
         shipped = fit["strategies"]
-        write_fit(fit, ROOT / "smpcheck/plan_fit.py",
+        write_fit(fit, ROOT / "smpcheck/memory/plan_fit.py",
                   f"benchmarks/plan_calibration.py on {time.strftime('%Y-%m-%d')}, commit "
                   f"{commit or '?'}: synthetic Llama {', '.join(sizes)} params, "
                   f"{args.nproc} CPU ranks (gloo, {os.cpu_count()} cores), --dtype {args.dtype}")
@@ -451,7 +451,7 @@ def main() -> None:
         plan = {s["name"]: s for s in plan_for(ckpt, args.nproc, args.dtype)["strategies"]}
         others = [s for s in sizes if s != size]
         if shipped is None:
-            from smpcheck.plan_fit import FIT
+            from smpcheck.memory.plan_fit import FIT
 
             shipped = FIT["strategies"]
         held_out = held_out_plan(ckpt, measured[size], {s: measured[s] for s in others},

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from smpcheck.source import UsageError
+from smpcheck.checkpoint.source import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("json", type=Path)
     report.add_argument("--out", type=Path, default=None, help="HTML path (default: beside it)")
     sub.add_parser("env", help="print what matters for a bug report")
-    __import__("smpcheck.plan_cli").plan_cli.add_parser(sub)
+    __import__("smpcheck.run.plan_cli").run.plan_cli.add_parser(sub)
     return parser
 
 
@@ -94,8 +94,8 @@ def _options(args: argparse.Namespace, world: int):
 
     from reference_impl.loading import model_class_for
     from reference_impl.tp_plans import TPConfigError, check_tp_config
-    from smpcheck.inputs import validate
-    from smpcheck.source import resolve
+    from smpcheck.checkpoint.inputs import validate
+    from smpcheck.checkpoint.source import resolve
     from smpcheck.strategies import STRATEGIES, RunOptions
     from smpcheck.strategies.finetune import fine_tuning_options
 
@@ -175,8 +175,8 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
     ``deadline`` (wall clock) is shared by every self-launched rank, so all time out at once."""
     import torch.distributed as dist
 
-    from smpcheck.job import run_job
-    from smpcheck.launch import arm_watchdog, die_with_parent, init_from_env
+    from smpcheck.run.job import run_job
+    from smpcheck.run.launch import arm_watchdog, die_with_parent, init_from_env
 
     if os.environ.get("SMPCHECK_SELF_LAUNCHED"):
         die_with_parent()
@@ -189,7 +189,7 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
 
 
 def launcher_world_size() -> int | None:
-    from smpcheck.launch import launcher_world
+    from smpcheck.run.launch import launcher_world
 
     return launcher_world()
 
@@ -199,7 +199,7 @@ def _stem(strategy: str, tp: int) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from smpcheck.launch import launcher_world
+    from smpcheck.run.launch import launcher_world
 
     world = launcher_world()
     if world is not None:  # one rank of torchrun / srun
@@ -227,8 +227,8 @@ def _launch(args: argparse.Namespace, opts, stem: str) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from smpcheck import faults
-    from smpcheck.launch import held_launcher_logs, self_launch
+    from smpcheck.run import faults
+    from smpcheck.run.launch import held_launcher_logs, self_launch
 
     faults.arm_launcher(args.report_dir)
     _quiet_resource_tracker()
@@ -268,7 +268,7 @@ def _quiet_resource_tracker() -> None:
 def _end_failed_launch(args: argparse.Namespace, opts, stem: str, ending, started: float,
                        launcher_lines: list[str], state: str) -> int:
     """The closing sentence and, if no rank wrote one, the report of a failed launch."""
-    from smpcheck import endings
+    from smpcheck.run import endings
 
     if ending.code == endings.EXIT_NO_REPORT:
         return ending.code  # rank 0 finished, said its verdict and why it wrote no report
@@ -284,9 +284,9 @@ def _end_failed_launch(args: argparse.Namespace, opts, stem: str, ending, starte
 
 
 def _ending_of_failed_ranks(args: argparse.Namespace, failures: dict, state: str):
-    from smpcheck import endings
-    from smpcheck.launch import silent_ranks
-    from smpcheck.whereabouts import last_known
+    from smpcheck.run import endings
+    from smpcheck.run.launch import silent_ranks
+    from smpcheck.run.whereabouts import last_known
 
     log = Path(args.report_dir) / f"{_stem(args.strategy, args.tp)}.log"
     return endings.of_failed_ranks(failures, last_known(state), silent_ranks(state),
@@ -294,8 +294,8 @@ def _ending_of_failed_ranks(args: argparse.Namespace, failures: dict, state: str
 
 
 def _ending_of_signalled_job(signum: int, state: str):
-    from smpcheck import endings
-    from smpcheck.whereabouts import last_known
+    from smpcheck.run import endings
+    from smpcheck.run.whereabouts import last_known
 
     return endings.of_signalled_job(signum, last_known(state))
 
@@ -303,7 +303,7 @@ def _ending_of_signalled_job(signum: int, state: str):
 def _append_launcher_log(log: Path, lines: list[str], state: str) -> None:
     """The stacks of the ranks SIGTERM stopped, then the launcher's own messages, at the end
     of the log beside the report (if it can be written at all)."""
-    from smpcheck.launch import sigterm_stacks
+    from smpcheck.run.launch import sigterm_stacks
 
     stacks = "".join(f"\n--- rank {rank}'s stack when SIGTERM stopped it\n{text}\n"
                      for rank, text in sigterm_stacks(state).items())
@@ -320,10 +320,10 @@ def _write_launcher_report(opts, world: int, stem: str, ending, log: Path,
                            lines: list[str], state: str) -> str:
     """The report of a run no rank could report on, written here; the end of the closing
     sentence: where it is, or why it could not be written."""
-    from smpcheck.failures import failure_results
-    from smpcheck.job import run_facts
     from smpcheck.report.model import Report
     from smpcheck.report.writers import write_reports
+    from smpcheck.run.failures import failure_results
+    from smpcheck.run.job import run_facts
 
     _append_launcher_log(log, lines, state)
     report = Report(failure_results(ending.failures), run_facts(opts, world),
@@ -357,7 +357,7 @@ def _compare(args: argparse.Namespace) -> int:
         worst = max(worst, _run(argparse.Namespace(**{**vars(args), "strategy": strategy})))
         if path.exists():
             reports[strategy] = Report.from_json(path)
-    from smpcheck.plan_cli import predicted
+    from smpcheck.run.plan_cli import predicted
 
     model = Path(args.model).name if args.model else "demo"
     plan = predicted(reports)
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         if args.command == "plan":
-            return __import__("smpcheck.plan_cli").plan_cli.run(args)
+            return __import__("smpcheck.run.plan_cli").run.plan_cli.run(args)
         return _env()
     except UsageError as exc:
         print(f"smpcheck: {exc}", file=sys.stderr)

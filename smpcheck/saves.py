@@ -27,7 +27,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from smpcheck.dcp import dcp_folder
+from smpcheck.checkpoint.dcp import dcp_folder
 from smpcheck.report.model import Report
 
 FULL, DCP, ADAPTER = "full", "dcp", "adapter"

@@ -1,6 +1,7 @@
 """One cell of the fault-injection campaign: a ``smpcheck run`` with one planted fault
-(:mod:`smpcheck.faults`) at one phase, judged on how it ended. Shared by ``tests/test_faults.py``
-(a sample of cells) and ``benchmarks/fault_campaign.py`` (every fault at every phase).
+(:mod:`smpcheck.run.faults`) at one phase, judged on how it ended. Shared by
+``tests/test_faults.py`` (a sample of cells) and ``benchmarks/fault_campaign.py`` (every fault
+at every phase).
 
 A cell ends well when:
 
@@ -13,7 +14,7 @@ A cell ends well when:
   sentence says why it could not be;
 * no process of the run is left;
 * the checkpoint is as the fault left it, byte for byte: untouched, except the file a
-  ``truncate`` or ``replace`` damaged, which holds exactly :func:`smpcheck.faults.damaged`.
+  ``truncate`` or ``replace`` damaged, which holds exactly :func:`smpcheck.run.faults.damaged`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from smpcheck.faults import damaged, largest_file
+from smpcheck.run.faults import damaged, largest_file
 
 SMPCHECK = shutil.which("smpcheck") or "smpcheck"
 TAG = "SMPCHECK_TEST_TAG"

@@ -23,8 +23,8 @@ from reference_impl import (
     load_on_rank0,
     transform,
 )
-from smpcheck.pieces import iter_pieces
-from smpcheck.tensors import clean_name
+from smpcheck.shards.pieces import iter_pieces
+from smpcheck.shards.tensors import clean_name
 
 SETUPS = ("fsdp1", "fsdp1-flat", "fsdp2", "tp", "tp-fsdp2")
 T = TypeVar("T")

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from smpcheck.init_judge import expected_moments
-from smpcheck.init_rules import InitRule, apply_rule
+from smpcheck.expect.fresh.init_judge import expected_moments
+from smpcheck.expect.fresh.init_rules import InitRule, apply_rule
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS = ("rows", "columns", "flat")

@@ -31,7 +31,7 @@ from smpcheck.integrations.accelerate import LoadingMonitor, verify_prepared  # 
 from smpcheck.integrations.cpu import enable_fsdp_on_cpu  # noqa: E402
 from smpcheck.integrations.shutdown import close_process_groups  # noqa: E402
 from smpcheck.integrations.transformers import SmpcheckCallback  # noqa: E402
-from smpcheck.pieces import iter_pieces  # noqa: E402
+from smpcheck.shards.pieces import iter_pieces  # noqa: E402
 
 BAD_RANK = 1
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor",

@@ -2,7 +2,7 @@
 
 ``tox -e oldest`` runs the fast part of the suite on the oldest releases pyproject.toml admits;
 a test that needs a later release's feature skips there with the sentence smpcheck itself
-prints, never fails. The facts live in ``smpcheck.compat``.
+prints, never fails. The facts live in ``smpcheck.run.compat``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from __future__ import annotations
 import pytest
 from packaging.version import Version
 
-from smpcheck.compat import accelerate_fsdp_unavailable, tp_plan_unavailable, transformers_version
+from smpcheck.run.compat import (
+                                   accelerate_fsdp_unavailable,
+                                   tp_plan_unavailable,
+                                   transformers_version,
+)
 
 #: The first transformers release whose ``LlamaPreTrainedModel._init_weights`` sets the RMSNorm
 #: weight (to ones); before it a norm keeps its construction value and no init rule names it.

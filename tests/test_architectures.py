@@ -20,7 +20,7 @@ import transformers as T
 import smpcheck
 from smpcheck.checks.config_parity import _generic_fields, classify, own_field
 from smpcheck.checks.forward import smoke_batch
-from smpcheck.skeleton import skeleton_of
+from smpcheck.expect.skeleton import skeleton_of
 from tests.models import FAMILIES, perturbed
 
 

@@ -309,7 +309,7 @@ def replicas_read_once(path: str) -> dict:
 
 def test_replicas_split_the_checkpoint_reads_between_ranks(ranks, checkpoints) -> None:
     out = ranks(replicas_read_once, 2, args=(str(checkpoints["llama-gqa-untied"]),))[0]
-    from smpcheck.units import human_bytes
+    from smpcheck.report.units import human_bytes
 
     total = human_bytes(out["model_bytes"])
     assert f"{total} in all" in out["both"], out  # the model read once across both ranks

@@ -357,8 +357,8 @@ def test_a_timeout_names_every_rank_that_timed_out(tmp_path) -> None:
     named apart, with the phase it was last in."""
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-    from smpcheck.endings import of_failed_ranks
-    from smpcheck.launch import TIMED_OUT, silent_ranks, timeout_marks, with_timed_out_ranks
+    from smpcheck.run.endings import of_failed_ranks
+    from smpcheck.run.launch import TIMED_OUT, silent_ranks, timeout_marks, with_timed_out_ranks
 
     for rank, pid in ((2, 202), (0, 200)):
         (tmp_path / f"timed-out-rank{rank}").write_text(str(pid))
@@ -375,7 +375,7 @@ def test_a_timeout_names_every_rank_that_timed_out(tmp_path) -> None:
     ending = of_failed_ranks(failures, {}, {}, 25.0, "x.log")
     assert ending.sentence.startswith(
         "ranks [0, 2] were still running after --timeout 25 s and were stopped")
-    from smpcheck.whereabouts import last_known
+    from smpcheck.run.whereabouts import last_known
 
     ending = of_failed_ranks(failures, last_known(tmp_path), silent_ranks(tmp_path), 25.0, "")
     assert ending.sentence.endswith("rank 1 in check (coverage), rank 3 in check (coverage) "
@@ -390,8 +390,8 @@ def test_a_timeout_names_every_rank_that_timed_out(tmp_path) -> None:
 def test_the_timeout_of_a_planted_hang_counts_from_the_hang(tmp_path, monkeypatch) -> None:
     """The self-test knob's plumbing, in process: only with a planted hang or stall, and
     never from an earlier run's mark."""
-    from smpcheck import faults
-    from smpcheck.launch import hang_began
+    from smpcheck.run import faults
+    from smpcheck.run.launch import hang_began
 
     mark = tmp_path / "hang"
     monkeypatch.setenv("SMPCHECK_DEBUG_FAULT_MARK", str(mark))
@@ -468,7 +468,7 @@ def test_compare_runs_every_strategy_on_the_demo_model(tmp_path) -> None:
 def test_concurrent_runs_never_share_a_port(tmp_path, monkeypatch) -> None:
     """Four self-launched runs at once, each binding its rendezvous to port 0: all pass, none
     joins another's store, no process is left (run_cli asserts it)."""
-    from smpcheck.demo import demo_checkpoint
+    from smpcheck.checkpoint.demo import demo_checkpoint
 
     monkeypatch.setenv("SMPCHECK_CACHE", str(tmp_path / "cache"))
     demo_checkpoint()  # written once, here, rather than raced for by six runs

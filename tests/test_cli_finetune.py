@@ -132,7 +132,7 @@ def test_lora_spec_parses_lists_and_maps_to_peft() -> None:
     ("r=4,rank=8,targets=q_proj", "--lora: unknown key 'rank'; use r, alpha"),
 ])
 def test_lora_spec_errors_are_sentences(text, sentence) -> None:
-    from smpcheck.source import UsageError
+    from smpcheck.checkpoint.source import UsageError
     from smpcheck.strategies.finetune import parse_lora
 
     with pytest.raises(UsageError, match=sentence):
@@ -140,7 +140,7 @@ def test_lora_spec_errors_are_sentences(text, sentence) -> None:
 
 
 def test_config_overrides_parse_values_as_json() -> None:
-    from smpcheck.source import UsageError
+    from smpcheck.checkpoint.source import UsageError
     from smpcheck.strategies.finetune import parse_config_overrides
 
     overrides = parse_config_overrides(

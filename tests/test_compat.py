@@ -7,7 +7,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from smpcheck import compat
+from smpcheck.run import compat
 from smpcheck.strategies.accelerate_fsdp import AccelerateFSDP1, AccelerateFSDP2
 from smpcheck.strategies.external import TransformersTPPlan
 from tests.test_cli import run_cli

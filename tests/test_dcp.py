@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 import smpcheck
 from reference_impl import load_on_rank0
 from smpcheck.checkpoint import Checkpoint, CheckpointError
-from smpcheck.dcp import DcpCheckpoint, open_checkpoint
-from smpcheck.pieces import iter_pieces
+from smpcheck.checkpoint.dcp import DcpCheckpoint, open_checkpoint
+from smpcheck.shards.pieces import iter_pieces
 from tests.faults import build, plant
 from tests.models import FAMILIES
 

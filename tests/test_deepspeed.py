@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import smpcheck
-from smpcheck.pieces import iter_pieces
+from smpcheck.shards.pieces import iter_pieces
 from tests.faults import corrupt
 
 pytest.importorskip("deepspeed")

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from reference_impl import DelayedParamIniter, apply_fsdp1, apply_fsdp2, load_on_rank0
 from reference_impl.loading import model_class_for
-from smpcheck.tensors import named_tensors, tie_groups
+from smpcheck.shards.tensors import named_tensors, tie_groups
 from tests.models import FAMILIES, write_checkpoint
 
 LOGITS_ATOL = 1e-6  # fp32, same ops in the same order: differences would be real faults

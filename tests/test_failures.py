@@ -10,7 +10,8 @@ import time
 import pytest
 import torch.distributed as dist
 
-from smpcheck.failures import (
+from smpcheck.report.model import Report, Status
+from smpcheck.run.failures import (
     POLL_S,
     FailureBoard,
     FailureProtocol,
@@ -19,8 +20,7 @@ from smpcheck.failures import (
     failure_results,
     tensor_problems,
 )
-from smpcheck.job import Progress
-from smpcheck.report.model import Report, Status
+from smpcheck.run.job import Progress
 
 PARAM_INIT = ("rank 2: 2 problems in LlamaForCausalLM after delayed parameter init:\n"
               "  model.layers.1.mlp.up_proj.weight: contains NaN or Inf\n"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from smpcheck import endings, faults, whereabouts
 from smpcheck.checkpoint import changed_files, file_identities
-from smpcheck.files import write_atomically
+from smpcheck.report.files import write_atomically
+from smpcheck.run import endings, faults, whereabouts
 
 
 def test_the_knob_parses_or_says_what_it_expects(monkeypatch) -> None:
@@ -75,8 +75,8 @@ def test_a_refused_write_leaves_the_old_file_and_no_partial(tmp_path, monkeypatc
 
 def test_the_job_says_its_verdict_when_the_report_cannot_be_written(tmp_path, monkeypatch,
                                                                     capsys) -> None:
-    from smpcheck.job import EXIT_NO_REPORT, Outputs
     from smpcheck.report.model import CheckResult, Report, Status
+    from smpcheck.run.job import EXIT_NO_REPORT, Outputs
 
     _refusing_writes(monkeypatch, tmp_path, errno.EROFS)
     passed = Report([CheckResult("preflight", Status.PASS, "same")], {}, {})

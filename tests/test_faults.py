@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from smpcheck.demo import demo_checkpoint
+from smpcheck.checkpoint.demo import demo_checkpoint
 from tests.fault_cells import run_cell
 
 SAMPLE = [  # (fault, rank, phase): each fault once, the phases spread over the run

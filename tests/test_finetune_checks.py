@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 import smpcheck
-from smpcheck.pieces import iter_pieces
-from smpcheck.tensors import clean_name
+from smpcheck.shards.pieces import iter_pieces
+from smpcheck.shards.tensors import clean_name
 from tests.faults import while_planted
 from tests.models import FAMILIES, write_checkpoint
 from tests.test_finetune_recipe import SETUPS, build
@@ -77,7 +77,7 @@ def every_case(path: str, setup: str, layout: str) -> dict:
             model, fresh_pieces(model, "lora_B"),
             lambda d: d.copy_(torch.randn(d.shape, generator=torch.Generator().manual_seed(6))
                               * 0.02), path)
-        from smpcheck.pieces import flat_full_shapes
+        from smpcheck.shards.pieces import flat_full_shapes
 
         names = [*flat_full_shapes(model), *(n for n, _ in model.named_parameters())]
         base = sorted(clean_name(n) for n in names if ".base_layer.weight" in n)[0]

@@ -24,7 +24,7 @@ from transformers.core_model_loading import (  # noqa: E402
     WeightConverter,
 )
 
-from smpcheck.fused import Box, FusedMap, build_expected, fused_targets, targets_of
+from smpcheck.expect.fused import Box, FusedMap, build_expected, fused_targets, targets_of
 from tests.models import MOE_FAMILIES, write_checkpoint
 
 

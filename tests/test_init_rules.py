@@ -12,17 +12,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from smpcheck.compat import transformers_version
-from smpcheck.init_judge import judge
-from smpcheck.init_replay import (
+from smpcheck.expect.fresh.init_judge import judge
+from smpcheck.expect.fresh.init_replay import (
     fresh_init_rules,
     hf_init,
     mark_unknown,
     meta_twin,
     replay_init,
 )
-from smpcheck.init_rules import InitRule
-from smpcheck.init_stats import merge_stats, shard_stats
+from smpcheck.expect.fresh.init_rules import InitRule
+from smpcheck.expect.fresh.init_stats import merge_stats, shard_stats
+from smpcheck.run.compat import transformers_version
 from tests.init_garbage import (
     DTYPES,
     FAMILIES,
@@ -328,7 +328,7 @@ def judge_fresh_pieces(path: str, layout: str, bad_rank: int | None) -> dict[str
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import fully_shard
 
-    from smpcheck.pieces import flat_full_shapes, iter_pieces
+    from smpcheck.shards.pieces import flat_full_shapes, iter_pieces
 
     torch.manual_seed(0)
     model = T.LlamaForSequenceClassification.from_pretrained(path, num_labels=3)

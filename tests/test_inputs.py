@@ -1,5 +1,5 @@
-"""Parent-side validation of a model directory (``smpcheck.inputs``), in process: each class
-of broken input is one sentence naming the file and the key; every family we support, MoE
+"""Parent-side validation of a model directory (``smpcheck.checkpoint.inputs``), in process:
+each class of broken input is one sentence naming the file and the key; every family we support, MoE
 and renamed keys included, passes untouched; and the header rules agree with ``safe_open``."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reference_impl.loading import model_class_for
-from smpcheck.inputs import INDEX, read_header, validate
-from smpcheck.source import UsageError
+from smpcheck.checkpoint.inputs import INDEX, read_header, validate
+from smpcheck.checkpoint.source import UsageError
 from tests.models import FAMILIES, MIXTRAL, perturbed, write_checkpoint
 
 LLAMA = FAMILIES["llama-gqa-untied"]

@@ -21,7 +21,7 @@ from smpcheck.integrations.outcome import SmpcheckFailed, conclude, failure_sent
 from smpcheck.integrations.transformers import SmpcheckCallback
 from smpcheck.report.compare import compare, text_table, write_comparison
 from smpcheck.report.model import CheckResult, Finding, Report, Status
-from smpcheck.units import human_bytes
+from smpcheck.report.units import human_bytes
 from tests.models import FAMILIES
 from tests.releases import needs_accelerate_fsdp, needs_tp_plan
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import smpcheck
-from smpcheck.pieces import iter_pieces
+from smpcheck.shards.pieces import iter_pieces
 from tests.models import MOE_FAMILIES, write_checkpoint
 from tests.releases import needs_transformers_5
 

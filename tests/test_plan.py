@@ -15,7 +15,7 @@ import torch
 import transformers as T
 
 from smpcheck.memory import ModelSize
-from smpcheck.plan import (
+from smpcheck.memory.plan import (
     StrategyFacts,
     checkpoint_facts,
     device_bytes,
@@ -25,8 +25,8 @@ from smpcheck.plan import (
     plan,
     predict_rank,
 )
-from smpcheck.plan_cli import strategy_facts
-from smpcheck.plan_fit import FIT
+from smpcheck.memory.plan_fit import FIT
+from smpcheck.run.plan_cli import strategy_facts
 from smpcheck.strategies import STRATEGIES
 from tests.models import write_checkpoint
 
@@ -201,9 +201,9 @@ def test_the_cli_prints_the_plan_as_json(tiny, tmp_path) -> None:
     (["--node-memory", "-3G"], "--node-memory"),
 ])
 def test_bad_flags_are_usage_errors(tiny, args, words) -> None:
+    from smpcheck.checkpoint.source import UsageError
     from smpcheck.cli import _parser
-    from smpcheck.plan_cli import build
-    from smpcheck.source import UsageError
+    from smpcheck.run.plan_cli import build
 
     with pytest.raises(UsageError, match=words):
         build(_parser().parse_args(["plan", str(tiny["small"]), *args]))

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 import smpcheck
-from smpcheck.pieces import iter_pieces
-from smpcheck.selection import Selection, flat_selection
-from smpcheck.vocab import VocabResize, kept_mask, kept_rows_reader, vocab_resize
+from smpcheck.expect.vocab import VocabResize, kept_mask, kept_rows_reader, vocab_resize
+from smpcheck.shards.pieces import iter_pieces
+from smpcheck.shards.selection import Selection, flat_selection
 from tests.models import FAMILIES, write_checkpoint
 
 OLD, NEW = 96, 104  # tests.models' vocabulary, and one grown by 8 tokens

@@ -16,8 +16,8 @@ import transformers as T
 import smpcheck
 from smpcheck.integrations.outcome import SmpcheckFailed
 from smpcheck.integrations.transformers import SmpcheckCallback
-from smpcheck.pieces import iter_pieces
 from smpcheck.saves import ADAPTER, DCP, FULL, resumed_from, saved_layout
+from smpcheck.shards.pieces import iter_pieces
 from tests.faults import corrupt
 
 TARGET = "model.layers.0.mlp.up_proj.weight"

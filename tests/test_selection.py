@@ -9,7 +9,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from smpcheck.checkpoint import Checkpoint
-from smpcheck.selection import Selection, as_runs, flat_selection
+from smpcheck.shards.selection import Selection, as_runs, flat_selection
 
 SHAPES = [(12, 8), (7, 5), (3,), (10, 6, 4)]
 
@@ -31,7 +31,7 @@ def cut_like_dtensor(path: str) -> list[str]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import distribute_tensor
 
-    from smpcheck.pieces import _piece
+    from smpcheck.shards.pieces import _piece
 
     mesh = init_device_mesh("cpu", (2, 2))
     problems = []

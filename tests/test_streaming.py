@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from reference_impl import DelayedParamIniter, apply_fsdp2, build_mesh, load_on_rank0, transform
 from reference_impl.streaming import load_streaming
 from smpcheck.memory import MemoryMonitor
-from smpcheck.tensors import named_tensors, tie_groups
+from smpcheck.shards.tensors import named_tensors, tie_groups
 from tests.models import FAMILIES, write_checkpoint
 
 MIB = 2**20

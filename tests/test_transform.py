@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from reference_impl import apply_fsdp1, apply_fsdp2, load_on_rank0
 from reference_impl.transform import build_mesh, transform
 from smpcheck.runner import RankError
-from smpcheck.tensors import local_view, named_tensors
+from smpcheck.shards.tensors import local_view, named_tensors
 from tests.models import FAMILIES, MIXTRAL, write_checkpoint
 
 # fp32 throughout; TP changes only the order of the reductions (row-parallel partial sums),

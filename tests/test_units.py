@@ -218,7 +218,7 @@ def test_config_fields_flatten_and_are_classified_by_what_they_steer() -> None:
 
 
 def test_peft_names_map_back_to_the_base_model() -> None:
-    from smpcheck.peft_names import ADAPTER, BASE, ORIGINAL, SAVED_COPY, PeftView
+    from smpcheck.expect.peft_names import ADAPTER, BASE, ORIGINAL, SAVED_COPY, PeftView
 
     view = PeftView(torch.nn.Linear(1, 1), "base_model.model.", ("lora_A", "lora_B"),
                     ("default",))

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import transformers as T
 
 import smpcheck
-from smpcheck.pieces import iter_pieces
+from smpcheck.shards.pieces import iter_pieces
 from tests.faults import corrupt
 
 TARGET = "model.layers.1.self_attn.o_proj.weight"

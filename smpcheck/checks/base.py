@@ -32,11 +32,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch.distributed as dist
 from torch import nn
 
-from smpcheck import whereabouts
-from smpcheck.expected import Comparison, Expectations, Source
-from smpcheck.peft_names import PeftView, peft_view
-from smpcheck.pieces import Piece, iter_pieces, unwrap
+from smpcheck.expect.expected import Comparison, Expectations, Source
+from smpcheck.expect.peft_names import PeftView, peft_view
 from smpcheck.report.model import CheckResult, Finding, Status
+from smpcheck.run import whereabouts
+from smpcheck.shards.pieces import Piece, iter_pieces, unwrap
 
 
 @dataclass(frozen=True)

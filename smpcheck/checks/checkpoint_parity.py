@@ -2,7 +2,7 @@
 
 Each rank compares the pieces it holds (whole tensors, DTensor shards, FSDP1 flat ranges) with
 the bytes of the checkpoint those pieces should hold, read as safetensors slices in the one pass
-of :mod:`smpcheck.expected`. A tensor with no source is missing; a checkpoint tensor no rank
+of :mod:`smpcheck.expect.expected`. A tensor with no source is missing; a checkpoint tensor no rank
 used is unexpected (a warning: ``lm_head`` under a classification head); a dtype cast between
 file and model is stated, and so are the bytes each rank read.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smpcheck.checks.base import CheckContext, Skip, merge_findings, ranked, result
-from smpcheck.expected import FUSED, MISSING
+from smpcheck.expect.expected import FUSED, MISSING
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.units import human_bytes
+from smpcheck.report.units import human_bytes
 
 HINT = (
     "this rank's value is not the checkpoint's: check that rank 0 loaded this checkpoint "

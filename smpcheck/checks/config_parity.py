@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from smpcheck.checks.base import CheckContext, Skip, merge_findings, ranked, result
+from smpcheck.expect.skeleton import buffers_of, model_class, skeleton_of
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.skeleton import buffers_of, model_class, skeleton_of
 
 PROVENANCE = ("_name_or_path", "transformers_version")  # where and by which version it was saved
 TRAINING_FIELDS = ("initializer_range", "use_cache")  # plus *dropout* and *_token_id(s)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from smpcheck.checks.base import CheckContext, Skip, ranked, result
-from smpcheck.expected import ADAPTER, CHECKPOINT, FUSED, Source
-from smpcheck.pieces import Piece
+from smpcheck.expect.expected import ADAPTER, CHECKPOINT, FUSED, Source
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.selection import Box, Run, Selection, dtensor_runs
+from smpcheck.shards.pieces import Piece
+from smpcheck.shards.selection import Box, Run, Selection, dtensor_runs
 
 SHAPE_HINT = ("the model's tensor is not the stored tensor's shape: a sharding or resize step "
               "dropped or added elements; fix the shard sizes (or declare the resize with "

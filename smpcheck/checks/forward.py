@@ -28,8 +28,8 @@ import torch
 from smpcheck.checks.base import CheckContext, LocalFindings, Skip, merge_findings, ranked, result
 from smpcheck.checks.tp import TOLERANCES, forward_error
 from smpcheck.checks.unsharding import training_forward_memory, unit_sizes
+from smpcheck.expect.skeleton import skeleton
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.skeleton import skeleton
 
 SAMPLE = 512  # logits sent per rank: enough to see a divergence, small to gather
 SEQUENCE = 16

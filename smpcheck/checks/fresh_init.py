@@ -4,10 +4,11 @@ initialises them, not garbage.
 A new task head, PEFT adapters, a re-initialised head of another size: their expected value is
 a distribution, not a tensor. The rule is found by replaying the model's own init (its
 ``_init_weights``, PEFT's ``reset_lora_parameters``) on a meta twin
-(:mod:`smpcheck.init_replay`), and each rank judges the piece it holds against it from a
-handful of moments (:mod:`smpcheck.init_judge`): a tolerance that follows from the piece's
-size, so a correct init never fails and uninitialised memory, constants, huge values or another
-rule's distribution do. ``lora_B`` must start at zero (the adapter starts at identity).
+(:mod:`smpcheck.expect.fresh.init_replay`), and each rank judges the piece it holds against it
+from a handful of moments (:mod:`smpcheck.expect.fresh.init_judge`): a tolerance that follows
+from the piece's size, so a correct init never fails and uninitialised memory, constants, huge
+values or another rule's distribution do. ``lora_B`` must start at zero (the adapter starts
+at identity).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from smpcheck.checks.base import CheckContext, LocalFindings, Skip, judge_local
-from smpcheck.expected import FRESH
-from smpcheck.init_judge import judge
-from smpcheck.init_replay import fresh_init_rules
-from smpcheck.init_rules import InitRule
-from smpcheck.init_stats import shard_stats
-from smpcheck.pieces import flat_full_shapes
+from smpcheck.expect.expected import FRESH
+from smpcheck.expect.fresh.init_judge import judge
+from smpcheck.expect.fresh.init_replay import fresh_init_rules
+from smpcheck.expect.fresh.init_rules import InitRule
+from smpcheck.expect.fresh.init_stats import shard_stats
 from smpcheck.report.model import CheckResult, Finding
+from smpcheck.shards.pieces import flat_full_shapes
 
 HINT = ("this fresh tensor does not look like its init rule's draw: it was never initialised "
         "(to_empty/meta memory) or got another rule; initialise it on rank 0 before the "

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from smpcheck.checks.base import CheckContext, LocalFindings, judge_local
-from smpcheck.pieces import observed_tie_groups
+from smpcheck.expect.skeleton import buffers_of, skeleton
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.skeleton import buffers_of, skeleton
-from smpcheck.tensors import describe_diff, tie_groups
+from smpcheck.shards.pieces import observed_tie_groups
+from smpcheck.shards.tensors import describe_diff, tie_groups
 
 # No trained weight comes near this; to_empty garbage often does (1e30s are common).
 IMPLAUSIBLE_MAGNITUDE = 1e6

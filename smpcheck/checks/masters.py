@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from smpcheck.checks.base import CheckContext, LocalFindings, Skip, judge_local
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.tensors import clean_name, describe_diff
+from smpcheck.shards.tensors import clean_name, describe_diff
 
 HINT = ("the optimizer's master copy is not the loaded weights: the weights were loaded or "
         "resumed after the optimizer was built; load them before deepspeed.initialize, or "

@@ -16,7 +16,7 @@ from typing import Any
 from smpcheck.checks.base import CheckContext, Skip, merge_findings, ranked, result
 from smpcheck.checks.unsharding import unit_sizes
 from smpcheck.memory import Bound, MemoryRecord
-from smpcheck.phases import FORWARD, bounded
+from smpcheck.memory.phases import FORWARD, bounded
 from smpcheck.report.model import CheckResult, Finding
 
 MIB = 2**20

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from smpcheck.checks.base import CheckContext, merge_findings, ranked, result
-from smpcheck.pieces import flat_full_shapes, observed_tie_groups
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.tensors import clean_name
+from smpcheck.shards.pieces import flat_full_shapes, observed_tie_groups
+from smpcheck.shards.tensors import clean_name
 
 MAX_DIFFERENCES_PER_RANK = 10
 

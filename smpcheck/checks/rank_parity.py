@@ -15,8 +15,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from smpcheck.checks.base import CheckContext, ranked, result
-from smpcheck.digest import digest
 from smpcheck.report.model import CheckResult, Finding
+from smpcheck.shards.digest import digest
 
 HINT = (
     "ranks diverged: broadcast rank 0's weights (FSDP1 sync_module_states=True, FSDP2 "
@@ -32,7 +32,7 @@ class RankParity:
 
     def summarize(self, ctx: CheckContext) -> list[Entry]:
         """Each piece's digest, and for the pieces this rank compared with the checkpoint (one
-        replica per group does, see :mod:`smpcheck.expected`) whether it equalled it: that
+        replica per group does, see :mod:`smpcheck.expect.expected`) whether it equalled it: that
         verdict says which side of a disagreement is right."""
         files: dict[tuple[str, str], bool] = {}
         if ctx.checkpoint is not None and "checkpoint_parity" in ctx.checks:

@@ -7,7 +7,7 @@ its ``packed_colwise`` blocks as ``_StridedShard``, a user's ``parallelize_modul
 layout is guessed from a weight's name. The slices come from ``dense_model`` when given, else
 from the checkpoint comparisons already made by the one pass (no second read). A wrong shard
 is explained: which slice it holds instead. Attention weights split by TP must also hold whole
-heads (:mod:`smpcheck.heads`).
+heads (:mod:`smpcheck.expect.heads`).
 
 *tp_numerics* runs one fixed batch through the model and ``dense_model`` and compares logits,
 loss and (gathered) gradients within a tolerance derived from the dtype. A forward that raises
@@ -23,10 +23,10 @@ import torch
 
 from smpcheck.checks.base import CheckContext, LocalFindings, Skip, judge_local
 from smpcheck.checks.unsharding import training_forward_memory
-from smpcheck.expected import diagnose_shard
-from smpcheck.heads import head_layout, head_split_dims, split_heads
+from smpcheck.expect.expected import diagnose_shard
+from smpcheck.expect.heads import head_layout, head_split_dims, split_heads
 from smpcheck.report.model import CheckResult, Finding
-from smpcheck.tensors import describe_diff, named_tensors
+from smpcheck.shards.tensors import describe_diff, named_tensors
 
 # Absolute and relative tolerance by dtype for logits, loss and gradients.
 TOLERANCES = {

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from torch import nn
 
 from smpcheck.checkpoint import Checkpoint
-from smpcheck.compat import fsdp_version_of
 from smpcheck.integrations.loading import RankLoading, loading_verdict, probe_loading
 from smpcheck.integrations.outcome import (
     check_on_failure,
@@ -49,6 +48,7 @@ from smpcheck.memory import (
     warm_up,
 )
 from smpcheck.report.model import Report
+from smpcheck.run.compat import fsdp_version_of
 
 # Memory-bound rows (``smpcheck.memory._holds``) of accelerate's FSDP path, by FSDP version.
 MEMORY_ROWS = {1: "accelerate-fsdp1", 2: "accelerate-fsdp"}

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from smpcheck.compat import accelerate_fsdp_unavailable
+from smpcheck.run.compat import accelerate_fsdp_unavailable
 
 _PATCHED = "_smpcheck_cpu_fsdp"
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from smpcheck.pieces import flat_full_shapes, is_zero3, iter_pieces
 from smpcheck.report.model import Report, Status
 from smpcheck.report.writers import write_reports
-from smpcheck.tensors import clean_name
+from smpcheck.shards.pieces import flat_full_shapes, is_zero3, iter_pieces
+from smpcheck.shards.tensors import clean_name
 
 ON_FAILURE = ("raise", "warn")
 
@@ -75,7 +75,7 @@ def checkpoint_of(model: nn.Module) -> tuple[str | None, str]:
     """The checkpoint the model was loaded from, by its ``name_or_path`` (a local directory or
     a hub id in the local cache; FSDP1 and PEFT wrap the model, so the first module that has
     one), and where that answer came from, for the report."""
-    from smpcheck.source import UsageError, resolve
+    from smpcheck.checkpoint.source import UsageError, resolve
 
     name = next((m.name_or_path for m in model.modules()
                  if isinstance(getattr(m, "name_or_path", None), str) and m.name_or_path), "")

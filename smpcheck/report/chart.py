@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from smpcheck.units import human_bytes
+from smpcheck.report.units import human_bytes
 
 MIB = 2**20
 PHASE_COLOURS = ["#e8f0fe", "#fef3e0", "#e6f4ea", "#fce8e6", "#f3e8fd", "#e0f7fa"]

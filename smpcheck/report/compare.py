@@ -14,10 +14,10 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from smpcheck.phases import bounded
+from smpcheck.memory.phases import bounded
 from smpcheck.report.chart import compare_svg
 from smpcheck.report.model import Report
-from smpcheck.units import human_bytes
+from smpcheck.report.units import human_bytes
 
 
 def summarize(strategy: str, report: Report) -> dict[str, Any]:

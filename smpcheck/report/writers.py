@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from smpcheck.files import write_atomically
-from smpcheck.phases import bounded
+from smpcheck.memory.phases import bounded
 from smpcheck.report.chart import memory_svg
+from smpcheck.report.files import write_atomically
 
 if TYPE_CHECKING:  # Report.write_html calls in here: at run time, no import back
     from smpcheck.report.model import Report
-from smpcheck.units import human_bytes
+from smpcheck.report.units import human_bytes
 
 MIB = 2**20
 

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from smpcheck.compat import accelerate_fsdp_unavailable
 from smpcheck.integrations.accelerate import MEMORY_ROWS, gather_loading
 from smpcheck.integrations.loading import probe_loading
-from smpcheck.phases import LOAD, WRAP
+from smpcheck.memory.phases import LOAD, WRAP
+from smpcheck.run.compat import accelerate_fsdp_unavailable
 from smpcheck.strategies.base import RunOptions, StrategyBase, load_kwargs
 
 

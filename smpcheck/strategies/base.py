@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from smpcheck.compat import dtype_kwarg
-from smpcheck.phases import LOAD, WRAP
-from smpcheck.source import ModelSource
+from smpcheck.checkpoint.source import ModelSource
+from smpcheck.memory.phases import LOAD, WRAP
+from smpcheck.run.compat import dtype_kwarg
 from smpcheck.strategies.finetune import LoraSpec
 
 

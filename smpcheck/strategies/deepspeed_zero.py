@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from smpcheck.phases import LOAD, WRAP
+from smpcheck.memory.phases import LOAD, WRAP
 from smpcheck.strategies.base import RunOptions, StrategyBase, load_kwargs
 
 INSTALL = ("DS_BUILD_OPS=0 pip install --no-build-isolation 'smpcheck[deepspeed]' (without "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from smpcheck.compat import tp_plan_unavailable
-from smpcheck.phases import LOAD, TRANSFORM, WRAP
+from smpcheck.memory.phases import LOAD, TRANSFORM, WRAP
+from smpcheck.run.compat import tp_plan_unavailable
 from smpcheck.strategies.base import (
     RunOptions,
     StrategyBase,

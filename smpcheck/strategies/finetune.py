@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smpcheck.source import UsageError
+from smpcheck.checkpoint.source import UsageError
 
 _LORA_KEYS = {"r": "rank (int)", "alpha": "lora_alpha (number)", "dropout": "lora_dropout",
               "targets": "target_modules", "modules_to_save": "modules_to_save"}

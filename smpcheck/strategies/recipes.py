@@ -18,7 +18,7 @@ from reference_impl import (
     load_on_rank0,
     transform,
 )
-from smpcheck.phases import LOAD, TRANSFORM, WRAP
+from smpcheck.memory.phases import LOAD, TRANSFORM, WRAP
 from smpcheck.strategies.base import (
     RunOptions,
     StrategyBase,

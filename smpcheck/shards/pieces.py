@@ -4,7 +4,7 @@ A :class:`Piece` is one rank's part of one named tensor: the whole tensor (plain
 replicated buffers), a DTensor's local shard (TP, FSDP2, both), or a range of the flattened
 tensor inside an FSDP1 ``FlatParameter`` (``use_orig_params`` on or off). Each piece knows
 
-* its :class:`~smpcheck.selection.Selection`: which elements of the full tensor it holds, so
+* its :class:`~smpcheck.shards.selection.Selection`: which elements of the full tensor it holds, so
   checks read exactly those from a checkpoint, or cut them from a dense model, without
   gathering anything, and
 * its ``replica_key``: pieces with equal keys on different ranks must hold equal values
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from smpcheck.selection import Selection, dtensor_runs, flat_selection
-from smpcheck.tensors import clean_name
+from smpcheck.shards.selection import Selection, dtensor_runs, flat_selection
+from smpcheck.shards.tensors import clean_name
 
 
 def splits(placement: Any) -> bool:
@@ -262,7 +262,7 @@ def _join(*parts: str) -> str:
 
 def observed_tie_groups(model: nn.Module) -> list[set[str]]:
     """Names that share one tensor on this rank, including FSDP1's de-duplicated params."""
-    from smpcheck.tensors import tie_groups
+    from smpcheck.shards.tensors import tie_groups
 
     groups = [{name for name, _, _ in g} for g in tie_groups(model)]
     for prefix, handle in _fsdp1_handles(model):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from smpcheck.selection import Box, Selection
+from smpcheck.shards.selection import Box, Selection
 
 
 @dataclass(frozen=True)

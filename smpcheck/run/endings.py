@@ -1,7 +1,7 @@
 """How a self-launched run ended when no rank could say so itself: a rank killed by a signal,
 ranks that timed out, a rank that answered nothing, the job preempted. Made from the
 launcher's record of each rank's exit and from where each rank last said it was
-(:mod:`smpcheck.whereabouts`), in the launching process, which then writes the report.
+(:mod:`smpcheck.run.whereabouts`), in the launching process, which then writes the report.
 
 The exit codes of ``smpcheck run``: 0 every check passed; 1 a check failed, a rank failed,
 died or timed out; 2 bad usage or input; 3 every check passed but the report could not be
@@ -14,9 +14,9 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from smpcheck.failures import EXIT_FAILED, RankFailure, is_peer_loss
-from smpcheck.launch import TIMED_OUT
-from smpcheck.whereabouts import describe
+from smpcheck.run.failures import EXIT_FAILED, RankFailure, is_peer_loss
+from smpcheck.run.launch import TIMED_OUT
+from smpcheck.run.whereabouts import describe
 
 EXIT_NO_REPORT = 3
 # What a signal that ended a rank most likely means, for the sentence.

@@ -3,8 +3,9 @@
 A tensor that no checkpoint holds (a new task head, a LoRA adapter, new embedding rows) has no
 expected *value*, only an expected *distribution*: the one its init function drew from. An
 :class:`InitRule` names that distribution and who applied it, so a judge can test the values a
-rank holds against it (:mod:`smpcheck.init_judge`) and a report can say what was expected.
-Rules are found by replaying the init function on a meta twin (:mod:`smpcheck.init_replay`).
+rank holds against it (:mod:`smpcheck.expect.fresh.init_judge`) and a report can say what was
+expected. Rules are found by replaying the init function on a meta twin
+(:mod:`smpcheck.expect.fresh.init_replay`).
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smpcheck.init_rules import InitRule, fmt
-from smpcheck.tensors import clean_name
+from smpcheck.expect.fresh.init_rules import InitRule, fmt
+from smpcheck.shards.tensors import clean_name
 
 #: torch.nn.init functions seen by name during a replay.
 _INIT_NAMES = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_",
@@ -53,7 +53,7 @@ def meta_twin(module: nn.Module, shapes: Mapping[str, Sequence[int]] | None = No
         shapes: full shapes by clean tensor name, for tensors whose local shape is not the
             full one (FSDP1 views of a flat shard; the rule depends on the fan-in). Named
             tensors the module does not register (FSDP1 with ``use_orig_params=False``) are
-            re-created in the twin: ``smpcheck.pieces.flat_full_shapes`` gives them all.
+            re-created in the twin: ``smpcheck.shards.pieces.flat_full_shapes`` gives them all.
     """
     shapes = shapes or {}
     tensors: dict[int, torch.Tensor] = {}

@@ -7,7 +7,7 @@ still names the phase it died in, and holds the rank's pid so that a rank that s
 answering can be stopped for good. Phases are the job's (``load``, ``wrap``, ``check``,
 ``report``...) with the check running inside them as detail (``check (coverage)``).
 
-Entering a phase is also where a planted fault fires (:mod:`smpcheck.faults`): one call at
+Entering a phase is also where a planted fault fires (:mod:`smpcheck.run.faults`): one call at
 every phase boundary for both.
 """
 
@@ -17,8 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from smpcheck import faults
-from smpcheck.files import write_atomically
+from smpcheck.report.files import write_atomically
+from smpcheck.run import faults
 
 RUN_STATE = "SMPCHECK_RUN_STATE"  # set by the self-launch: a directory the ranks write into
 _PREFIX = "phase-rank"

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from smpcheck.init_rules import InitRule, fmt
-from smpcheck.init_stats import ShardStats
+from smpcheck.expect.fresh.init_rules import InitRule, fmt
+from smpcheck.expect.fresh.init_stats import ShardStats
 
 #: Per-test bound on the chance that a correct piece fails.
 ALPHA = 1e-12
@@ -366,9 +366,9 @@ def judge(rule: InitRule, stats: ShardStats, alpha: float = ALPHA) -> tuple[bool
     """Whether the piece summarised by ``stats`` is a plausible draw from ``rule``.
 
     Args:
-        rule: the tensor's init rule (from :mod:`smpcheck.init_replay`).
-        stats: :func:`smpcheck.init_stats.shard_stats` of the piece a rank holds (a row or
-            column shard, an FSDP1 flat range, or the whole tensor; or several merged).
+        rule: the tensor's init rule (from :mod:`smpcheck.expect.fresh.init_replay`).
+        stats: :func:`smpcheck.expect.fresh.init_stats.shard_stats` of the piece a rank holds
+            (a row or column shard, an FSDP1 flat range, or the whole tensor; or several merged).
         alpha: the per-test chance a correct piece may fail.
 
     Returns:

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from smpcheck.checkpoint import (
+from smpcheck.checkpoint.reader import (
     FINGERPRINT_BLOCK,
     FINGERPRINT_SAMPLES,
     Checkpoint,
@@ -57,7 +57,7 @@ from smpcheck.checkpoint import (
     state_dict_names,
 )
 from smpcheck.memory import ModelSize
-from smpcheck.selection import Box
+from smpcheck.shards.selection import Box
 
 METADATA = ".metadata"
 TRAINER_FOLDER = "pytorch_model_fsdp_0"  # accelerate's FSDP_MODEL_NAME, model index 0

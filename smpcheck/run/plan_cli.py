@@ -1,4 +1,4 @@
-"""``smpcheck plan MODEL --nproc-per-node N``: the CLI of :mod:`smpcheck.plan`, apart from it
+"""``smpcheck plan MODEL --nproc-per-node N``: the CLI of :mod:`smpcheck.memory.plan`, apart from it
 so that the prediction itself never imports the strategies (which import the recipes): this
 module turns each strategy class into the facts the prediction needs.
 
@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from smpcheck.source import UsageError
+from smpcheck.checkpoint.source import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -61,8 +61,8 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 
 def strategy_facts(names: list[str], world: int) -> list[Any]:
-    """:class:`smpcheck.plan.StrategyFacts` of the named strategies on ``world`` ranks."""
-    from smpcheck.plan import StrategyFacts
+    """:class:`smpcheck.memory.plan.StrategyFacts` of the named strategies on ``world`` ranks."""
+    from smpcheck.memory.plan import StrategyFacts
     from smpcheck.strategies import STRATEGIES
 
     out = []
@@ -102,9 +102,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from smpcheck.checkpoint import CheckpointError
-    from smpcheck.inputs import validate
-    from smpcheck.plan import checkpoint_facts, node_memory_here, parse_bytes, plan
-    from smpcheck.source import resolve
+    from smpcheck.checkpoint.inputs import validate
+    from smpcheck.checkpoint.source import resolve
+    from smpcheck.memory.plan import checkpoint_facts, node_memory_here, parse_bytes, plan
 
     for flag in ("nproc_per_node", "nnodes"):
         if getattr(args, flag) < 1:
@@ -145,7 +145,7 @@ def plan_for_run(model_path: str, world: int, model_bytes: int, names: list[str]
     The loaded dtype is the one whose size matches ``model_bytes`` (as stored otherwise)."""
     import torch
 
-    from smpcheck.plan import checkpoint_facts, plan
+    from smpcheck.memory.plan import checkpoint_facts, plan
     from smpcheck.strategies import STRATEGIES
 
     dtype = None
@@ -161,7 +161,7 @@ def plan_for_run(model_path: str, world: int, model_bytes: int, names: list[str]
 
 def text(data: dict[str, Any]) -> str:
     """A small table and the recommendation."""
-    from smpcheck.units import human_bytes as h
+    from smpcheck.report.units import human_bytes as h
 
     rows = data["strategies"]
     width = max([8, *(len(r["name"]) for r in rows)])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from smpcheck.tensors import local_view
+from smpcheck.shards.tensors import local_view
 
 #: Elements per float64 chunk: small on CPU, where a fresh temporary of megabytes costs its
 #: page faults (one float64 op on 1e6 elements took 4 ms here, numpy's 0.24 ms; shard_stats

@@ -9,7 +9,7 @@ Checkpoint keys are not always the model's names: transformers 5 renames some on
 (GPT-NeoX ``embed_out`` -> ``lm_head``) and fuses others (Mixtral's per-expert ``w1``/``w3``
 into ``gate_up_proj``). Which model name a key loads into is decided by transformers' own
 ``rename_source_key`` over the model's own conversion mapping (:func:`model_names`), never a
-copy of its rules; fused keys are left to :mod:`smpcheck.fused`.
+copy of its rules; fused keys are left to :mod:`smpcheck.expect.fused`.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def model_names(keys: list[str], model: nn.Module | None) -> tuple[dict[str, str
     in order) applied to each key by ``rename_source_key`` with the base-model prefix and the
     model's meta state dict, keys in the natural order that ``from_pretrained`` walks them
     (some renames keep state across keys), with its fallback to the key itself. A key a
-    converter consumes is fused: its expected value is built by :mod:`smpcheck.fused`.
+    converter consumes is fused: its expected value is built by :mod:`smpcheck.expect.fused`.
     """
     if model is None:
         return {key: key for key in keys}, set()

@@ -1,7 +1,7 @@
 """What each rank does for ``smpcheck run``: the strategy's phases under the memory monitor,
 then every check, then (rank 0) the reports. Returns the exit code every rank agrees on.
 
-An exception on any rank, in any phase, ends the run through :mod:`smpcheck.failures`: the
+An exception on any rank, in any phase, ends the run through :mod:`smpcheck.run.failures`: the
 report is written anyway, with the failed phase as a FAIL line, and every rank exits 1. A
 report directory that cannot be written (read-only, full) ends the run with the verdict in
 one sentence on stderr and exit 3 when the checks passed (1 when they failed). A checkpoint
@@ -23,13 +23,24 @@ import torch
 import torch.distributed as dist
 
 from reference_impl import ParamInitError
-from smpcheck import faults, whereabouts
 from smpcheck.checkpoint import Checkpoint, changed_files, file_identities
 from smpcheck.checks import ALL_CHECKS
 from smpcheck.checks.base import is_collective
 from smpcheck.checks.forward import reference_outputs
-from smpcheck.endings import EXIT_NO_REPORT
-from smpcheck.failures import (
+from smpcheck.memory import MemoryMonitor, memory_bound, warm_up
+from smpcheck.memory.phases import (
+    CHECK,
+    FORWARD,
+    LOAD,
+    REPORT,
+    START,
+)
+from smpcheck.report.files import write_atomically
+from smpcheck.report.model import CheckResult, Finding, Report, Status
+from smpcheck.report.writers import write_reports
+from smpcheck.run import faults, whereabouts
+from smpcheck.run.endings import EXIT_NO_REPORT
+from smpcheck.run.failures import (
     EXIT_FAILED,
     FailureBoard,
     FailureProtocol,
@@ -38,17 +49,6 @@ from smpcheck.failures import (
     failure_results,
     tensor_problems,
 )
-from smpcheck.files import write_atomically
-from smpcheck.memory import MemoryMonitor, memory_bound, warm_up
-from smpcheck.phases import (
-    CHECK,
-    FORWARD,
-    LOAD,
-    REPORT,
-    START,
-)
-from smpcheck.report.model import CheckResult, Finding, Report, Status
-from smpcheck.report.writers import write_reports
 from smpcheck.strategies import STRATEGIES, RunOptions
 from smpcheck.strategies.base import load_kwargs
 from smpcheck.verify import verify
@@ -70,7 +70,7 @@ FORWARD_CHECKS = [n for n, c in ALL_CHECKS.items() if is_collective(c)]
 @dataclass
 class Progress:
     """Where this rank is: the phase a failure is charged to (said to
-    :mod:`smpcheck.whereabouts` as it changes, for the launcher and planted faults), and the
+    :mod:`smpcheck.run.whereabouts` as it changes, for the launcher and planted faults), and the
     strategy's own phases, as it names them, with those done."""
 
     names: tuple[str, ...]  # the strategy's phases, in the order it yields them
@@ -212,7 +212,7 @@ def _remove_stale_log(log: Path) -> None:
 
 def _armed(opts: RunOptions, rank: int, report_dir: str) -> RunOptions:
     """The options with the checkpoint this rank reads: its own copy under a planted
-    ``vanish`` (:mod:`smpcheck.faults`), else the same."""
+    ``vanish`` (:mod:`smpcheck.run.faults`), else the same."""
     path = faults.arm(rank, opts.source.path, report_dir)
     if path == Path(opts.source.path):
         return opts

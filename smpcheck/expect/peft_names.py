@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from smpcheck.tensors import clean_name
+from smpcheck.shards.tensors import clean_name
 
 BASE = "base"  # a tensor of the base model (possibly under .base_layer.)
 ADAPTER = "adapter"  # a tuner's own tensor (lora_A, lora_B, ...)

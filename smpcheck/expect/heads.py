@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from smpcheck.pieces import Piece
-from smpcheck.selection import dtensor_runs
-from smpcheck.tensors import clean_name
+from smpcheck.shards.pieces import Piece
+from smpcheck.shards.selection import dtensor_runs
+from smpcheck.shards.tensors import clean_name
 
 
 @dataclass(frozen=True)

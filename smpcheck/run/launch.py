@@ -10,7 +10,7 @@ Every rank arms a watchdog: at ``timeout`` it prints its own Python stack (all t
 exits with 124, so a hang ends with every rank's traceback and no process left behind (the
 elastic agent reaps the rest; a SIGTERM from it also dumps the stack first). Self-launched,
 the ranks share a run-state directory (``SMPCHECK_RUN_STATE``): each says there which phase it
-is in (:mod:`smpcheck.whereabouts`) and, at a timeout, that it timed out. They print in rank
+is in (:mod:`smpcheck.run.whereabouts`) and, at a timeout, that it timed out. They print in rank
 order (stacks printed at one instant interleave) and none exits before every rank has (at
 most ``STACK_GRACE_S``): the launcher stops every rank as soon as one exits and records only
 that one, so the files are also how the closing line names every rank that timed out. A rank
@@ -20,7 +20,7 @@ the process that launched it (``PR_SET_PDEATHSIG``), whatever kills that. The la
 error wall (its log lines, with every rank's traceback embedded) is held back from the
 terminal and handed to the caller for the log file.
 
-Self-test knob: a planted ``hang`` or ``stall`` (:mod:`smpcheck.faults`) with a mark file
+Self-test knob: a planted ``hang`` or ``stall`` (:mod:`smpcheck.run.faults`) with a mark file
 writes the instant it began, and every rank's timeout counts from that instant instead of from
 the start: a test of the timeout path then sees the rank inside its fault however slowly the
 ranks started.
@@ -48,10 +48,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from smpcheck import faults
-from smpcheck.files import write_atomically
-from smpcheck.source import UsageError
-from smpcheck.whereabouts import RUN_STATE, last_known
+from smpcheck.checkpoint.source import UsageError
+from smpcheck.report.files import write_atomically
+from smpcheck.run import faults
+from smpcheck.run.whereabouts import RUN_STATE, last_known
 
 TIMED_OUT = 124
 _PR_SET_PDEATHSIG = 1
@@ -317,7 +317,7 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
     """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher; the
     rendezvous binds a port of its own (port 0). The ranks share the run-state directory
     ``state``, which the caller reads afterwards (:func:`silent_ranks`,
-    :func:`smpcheck.whereabouts.last_known`). A failed run raises ``ChildFailedError`` with
+    :func:`smpcheck.run.whereabouts.last_known`). A failed run raises ``ChildFailedError`` with
     every rank that timed out among its failures."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -1,12 +1,12 @@
 """Resolve what the user named into a local checkpoint directory, or say why not (offline).
-What the directory holds is validated by :mod:`smpcheck.inputs`."""
+What the directory holds is validated by :mod:`smpcheck.checkpoint.inputs`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from smpcheck.demo import demo_checkpoint
+from smpcheck.checkpoint.demo import demo_checkpoint
 
 
 class UsageError(ValueError):

@@ -1,8 +1,9 @@
 """Writing a file so that a reader finds it whole or not at all.
 
-Shared by the rank marks a launcher polls for (:mod:`smpcheck.launch`, :mod:`smpcheck.whereabouts`)
-and the report writers: a disk that fills up or turns read-only mid-write leaves the previous
-file, or none, never half a JSON report that ``smpcheck report`` would choke on.
+Shared by the rank marks a launcher polls for (:mod:`smpcheck.run.launch`,
+:mod:`smpcheck.run.whereabouts`) and the report writers: a disk that fills up or turns
+read-only mid-write leaves the previous file, or none, never half a JSON report that
+``smpcheck report`` would choke on.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ model where every rank keeps a copy (a choice from how the strategy works: at on
 the two are proportional), the largest unit, or memory.py's share. Among a few such
 candidates per term, ``benchmarks/plan_calibration.py`` keeps the one that best predicts each
 measured size from the others, fits it on all (3 sizes x 4 ranks, CPU, float32 loads) and
-writes :mod:`smpcheck.plan_fit`; a rerun of that script after a change to what a phase costs
+writes :mod:`smpcheck.memory.plan_fit`; a rerun of that script after a change to what a phase costs
 is all a recalibration takes. Loads in a checkpoint's own dtype are memory-mapped by
 transformers 5 (file-backed, not anonymous): there the plan, calibrated on owned float32
 weights, is an upper bound.
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from smpcheck.memory import ModelSize, rank_share
-from smpcheck.plan_fit import FIT, PROVENANCE
+from smpcheck.memory.plan_fit import FIT, PROVENANCE
 
 PHASES = ("init", "check", "forward")
 # what a term scales with: the whole model, a rank's shard of it, the largest FSDP unit, and
@@ -101,7 +101,7 @@ class RankModel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RankModel:
-        """From one rank's entry of :data:`smpcheck.plan_fit.FIT` (other keys ignored)."""
+        """From one rank's entry of :data:`smpcheck.memory.plan_fit.FIT` (other keys ignored)."""
         return cls(**{k: Term(**data[k]) for k in ("init", "resident", "check", "forward")},
                    memory_strategy=data.get("memory_strategy", ""))
 
@@ -149,7 +149,7 @@ def model_for(memory_strategy: str, name: str,
               fit: dict[str, Any] | None = None) -> tuple[RankModel, RankModel]:
     """The fitted terms of a strategy (by its name, else by its memory row: SageMaker's SMP
     follows our SMP recipe's row and was never measured here), from ``fit`` (default the
-    shipped :data:`smpcheck.plan_fit.FIT`)."""
+    shipped :data:`smpcheck.memory.plan_fit.FIT`)."""
     strategies = (fit or FIT)["strategies"]
     key = name if name in strategies else next(
         (n for n, s in strategies.items() if s[0].get("memory_strategy") == memory_strategy),
@@ -250,7 +250,7 @@ def recommend(rows: list[StrategyPlan]) -> StrategyPlan | None:
 def recommendation(rows: list[StrategyPlan], best: StrategyPlan | None,
                    node_memory: int | None) -> str:
     """One sentence: what to run, or why nothing fits."""
-    from smpcheck.units import human_bytes
+    from smpcheck.report.units import human_bytes
 
     if not rows:
         return "No strategy to plan for."
@@ -316,7 +316,7 @@ def checkpoint_facts(path: Path, dtype: Any = None) -> tuple[ModelSize, int, int
     safetensors headers alone (or DCP's metadata): no tensor is read."""
     import torch
 
-    from smpcheck.dcp import open_checkpoint
+    from smpcheck.checkpoint.dcp import open_checkpoint
 
     checkpoint = open_checkpoint(path)
     size = checkpoint.sizes(dtype)

@@ -24,7 +24,7 @@ vanish    this rank's own copy of the checkpoint (made at start, as another node
 
 With ``SMPCHECK_DEBUG_FAULT_MARK=PATH`` a fault writes the instant it fired to PATH (so a test
 knows it fired at all: a phase a run never enters plants nothing), and under a ``hang`` or
-``stall`` every rank's watchdog counts its timeout from that instant (:mod:`smpcheck.launch`),
+``stall`` every rank's watchdog counts its timeout from that instant (:mod:`smpcheck.run.launch`),
 so a test of the timeout path sees the rank inside its fault however slowly ranks started.
 The file damage is :func:`damaged`, so a test can compute what the file must hold afterwards.
 Nothing here runs unless the variable is set.
@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smpcheck.files import write_atomically
+from smpcheck.report.files import write_atomically
 
 FAULT = "SMPCHECK_DEBUG_FAULT"
 FAULT_MARK = "SMPCHECK_DEBUG_FAULT_MARK"

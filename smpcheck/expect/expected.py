@@ -15,8 +15,8 @@ Sources, stated in the report for every tensor:
 * ``missing``: none of the above, an error.
 
 The comparison pass reads, for each piece, exactly the elements its
-:class:`~smpcheck.selection.Selection` names (safetensors slices), casts only those, and keeps
-the verdict for ``checkpoint_parity`` and ``tp_shards`` alike. A full tensor is read only to
+:class:`~smpcheck.shards.selection.Selection` names (safetensors slices), casts only those, and
+keeps the verdict for ``checkpoint_parity`` and ``tp_shards`` alike. A full tensor is read only to
 explain a mismatch (which slice the rank holds instead). Replicas are split between the ranks
 that hold them when ``rank_parity`` runs too: one replica per group is compared with the files,
 and rank parity proves the others equal it, so N replicas on a node read the checkpoint once.
@@ -35,15 +35,15 @@ from typing import Any
 import torch
 
 from smpcheck.checkpoint import Checkpoint, CheckpointError
-from smpcheck.dcp import open_checkpoint
-from smpcheck.fused import FusedMap, build_expected, fused_targets
-from smpcheck.peft_names import ADAPTER as ADAPTER_ROLE
-from smpcheck.peft_names import PeftView
-from smpcheck.pieces import Piece, splits
-from smpcheck.selection import Box
-from smpcheck.skeleton import buffers_of, model_class, skeleton
-from smpcheck.tensors import describe_diff, tie_groups
-from smpcheck.vocab import VocabResize, kept_mask, kept_rows_reader, vocab_resize
+from smpcheck.checkpoint.dcp import open_checkpoint
+from smpcheck.expect.fused import FusedMap, build_expected, fused_targets
+from smpcheck.expect.peft_names import ADAPTER as ADAPTER_ROLE
+from smpcheck.expect.peft_names import PeftView
+from smpcheck.expect.skeleton import buffers_of, model_class, skeleton
+from smpcheck.expect.vocab import VocabResize, kept_mask, kept_rows_reader, vocab_resize
+from smpcheck.shards.pieces import Piece, splits
+from smpcheck.shards.selection import Box
+from smpcheck.shards.tensors import describe_diff, tie_groups
 
 CHECKPOINT = "checkpoint"
 FUSED = "fused"

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smpcheck.source import UsageError
+from smpcheck.checkpoint.source import UsageError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -258,7 +258,7 @@ def check_shapes(path: Path, config: Any, headers: dict[str, TensorHeader],
     if getattr(config, "quantization_config", None):
         return  # packed quantized weights have shapes of their own
     cls, model = _meta_model(path / "config.json", config, model_class_for)
-    from smpcheck.checkpoint import Checkpoint
+    from smpcheck.checkpoint.reader import Checkpoint
 
     checkpoint = Checkpoint(path, model)
     prefix = getattr(model, "base_model_prefix", "") + "."

@@ -1,6 +1,7 @@
 """The oracle stays independent: ``smpcheck``'s checks never import ``reference_impl``, and
 ``reference_impl`` never imports ``smpcheck``, so one bug cannot break the recipe and hide it
-from the check at the same time. Only the CLI layer (strategies, job, cli) runs the recipe."""
+from the check at the same time. Only the layer that runs a recipe (``smpcheck/run/``,
+``smpcheck/strategies/`` and the console script ``smpcheck/cli.py``) imports it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The layer that runs implementations under test; everything else in smpcheck judges them.
-# (trailing slash: ``run/`` is not ``runner.py``)
+# The layer that runs implementations under test, by folder (trailing slash: ``run/`` is not
+# ``runner.py``); everything else in smpcheck judges them.
 RUNS_THE_RECIPE = {"smpcheck/cli.py", "smpcheck/run/", "smpcheck/strategies/"}
 
 
@@ -46,25 +47,45 @@ def test_checks_never_import_reference_impl(path: Path) -> None:
 
 
 def _smpcheck_modules(path: Path) -> set[str]:
-    """The smpcheck modules ``path`` imports, as ``smpcheck.<part>`` (absolute imports only)."""
+    """What ``path`` imports of smpcheck, as dotted names (absolute imports only):
+    ``from smpcheck.run import whereabouts`` is ``smpcheck.run.whereabouts``, ``from
+    smpcheck.memory import Bound`` is ``smpcheck.memory.Bound``."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
                 "smpcheck."):
-            names.add(".".join(node.module.split(".")[:2]))
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.startswith("smpcheck.")}
     return names
 
 
-@pytest.mark.parametrize("folder, forbidden", [
-    ("smpcheck/checks", {"smpcheck.strategies", "smpcheck.run.job", "smpcheck.cli"}),
-    ("smpcheck/report", {"smpcheck.checks", "smpcheck.strategies", "smpcheck.run.job"}),
-    ("smpcheck/strategies", {"smpcheck.checks"}),
+# What each folder may never import, as folders (``smpcheck.run`` is all of ``run/``), and the
+# few modules of such a folder it may: the checks mark where a rank is (``whereabouts``, which
+# the launcher reads and where a planted fault fires) at every check, nothing else of ``run/``.
+UPSTREAM = {"smpcheck.checks", "smpcheck.strategies", "smpcheck.run", "smpcheck.cli"}
+
+
+@pytest.mark.parametrize("folder, forbidden, allowed", [
+    ("smpcheck/checks", UPSTREAM - {"smpcheck.checks"}, {"smpcheck.run.whereabouts"}),
+    ("smpcheck/report", UPSTREAM, set()),
+    ("smpcheck/strategies", {"smpcheck.checks", "smpcheck.cli"}, set()),
+    ("smpcheck/shards", UPSTREAM | {"smpcheck.report", "smpcheck.expect",
+                                    "smpcheck.checkpoint"}, set()),
+    ("smpcheck/expect", UPSTREAM | {"smpcheck.report"}, set()),
+    ("smpcheck/checkpoint", UPSTREAM | {"smpcheck.expect"}, set()),
+    ("smpcheck/memory", UPSTREAM, set()),
+    ("smpcheck/integrations", {"smpcheck.checks", "smpcheck.strategies", "smpcheck.cli"}, set()),
 ])
-def test_folders_import_only_downstream(folder: str, forbidden: set[str]) -> None:
-    """The judging parts never reach up into the layer that runs a recipe, and the report
-    never into the checks that fill it (docs/architecture.md's import table)."""
+def test_folders_import_only_downstream(folder: str, forbidden: set[str],
+                                        allowed: set[str]) -> None:
+    """The judging parts never reach up into the layer that runs a recipe, what a rank holds
+    and should hold never into the checks that judge it, and the report never into the checks
+    that fill it (docs/architecture.md's import table)."""
     for path in _files(folder):
-        assert not _smpcheck_modules(path) & forbidden, path
+        reached = {m for m in _smpcheck_modules(path)
+                   if not any(m == a or m.startswith(f"{a}.") for a in allowed)}
+        assert not {".".join(m.split(".")[:2]) for m in reached} & forbidden, path
 
 
 def _import_graph() -> dict[str, set[str]]:

@@ -142,7 +142,7 @@ def table(rows: list[dict], nproc: int, dtype: str) -> str:
 # Each term is then fitted as each of its candidates (features, with a constant or not: two
 # numbers each, three sizes) and the one that best predicts each size from the other two is
 # kept (_held_out_error) among those within INSIDE of every peak measured, fitted on all
-# three: the init term's first candidate is memory.py's own share of the model
+# three: the init term's first candidate is smpcheck.memory's own share of the model
 # (memory.rank_share).
 WHOLE_COPY = {"naive", "accelerate-fsdp", "accelerate-fsdp1", "deepspeed-zero2"}
 INSIDE = 0.14
@@ -335,7 +335,7 @@ def write_fit(fit: dict, path: Path, provenance: str) -> None:
         'measurements.\n\nWritten by ``benchmarks/plan_calibration.py --fit``: do not edit by '
         'hand, rerun it.\nPer strategy, [rank 0, any other rank], per term (smpcheck.memory.plan.'
         'Term): ``x * feature +\nx2 * feature2 + const`` bytes, the features as '
-        'smpcheck.memory.plan.FEATURES (``share``: memory.py\'s\nshare of the model for the rank, '
+        'smpcheck.memory.plan.FEATURES (``share``: the bound\'s\nshare of the model for the rank, '
         'memory.rank_share); ``worst`` is the largest error of that\nterm, relative to the '
         'phase\'s peak, over the sizes fitted. ``forward`` is the forward\nphase\'s extra '
         'above ``resident``: what a change to the forward check\'s unsharding moves.\n'

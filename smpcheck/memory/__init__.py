@@ -17,6 +17,11 @@ What is measured, and why each figure:
 The bound for a rank comes from the model: parameter count x bytes per element, times the
 fraction of the model this rank must hold under the strategy, times a stated allowance for
 transient copies, plus this rank's measured baseline (before loading).
+
+Beside this module: :mod:`~smpcheck.memory.phases` (the phases a run marks, and which of them
+the bound covers), :mod:`~smpcheck.memory.plan` (``smpcheck plan``: the same bound model,
+predicted from headers before anything is loaded) and its fitted constants
+(:mod:`~smpcheck.memory.plan_fit`).
 """
 
 from __future__ import annotations

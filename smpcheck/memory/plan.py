@@ -12,7 +12,7 @@ The model, per strategy and per rank (rank 0, or any other), from the model's by
 loaded dtype (``ModelSize``: the whole, the largest FSDP unit) and the ranks the weights are
 split over:
 
-* init (load, transform, wrap): memory.py's own per-strategy row first (``share``:
+* init (load, transform, wrap): smpcheck.memory's own per-strategy row first (``share``:
   :func:`memory.rank_share`, the model the run's memory bound uses), scaled and offset;
 * after init a rank holds ``resident`` (its shards, a loaded copy some strategies keep, an
   optimizer's state);
@@ -24,7 +24,7 @@ split over:
 and the rank's peak is the largest of the three. Each term is ``x * feature [+ x2 * feature2]
 [+ const]`` (:class:`Term`): a rank's shard where the strategy splits the weights, the whole
 model where every rank keeps a copy (a choice from how the strategy works: at one world size
-the two are proportional), the largest unit, or memory.py's share. Among a few such
+the two are proportional), the largest unit, or smpcheck.memory's share. Among a few such
 candidates per term, ``benchmarks/plan_calibration.py`` keeps the one that best predicts each
 measured size from the others, fits it on all (3 sizes x 4 ranks, CPU, float32 loads) and
 writes :mod:`smpcheck.memory.plan_fit`; a rerun of that script after a change to what a phase costs
@@ -51,7 +51,7 @@ from smpcheck.memory.plan_fit import FIT, PROVENANCE
 
 PHASES = ("init", "check", "forward")
 # what a term scales with: the whole model, a rank's shard of it, the largest FSDP unit, and
-# (init only) memory.py's share of the model for the rank (memory.rank_share x the model)
+# (init only) smpcheck.memory's share of the model for the rank (memory.rank_share x the model)
 FEATURES = ("model", "shard", "unit", "share", "none")
 
 

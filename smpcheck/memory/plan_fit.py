@@ -2,7 +2,7 @@
 
 Written by ``benchmarks/plan_calibration.py --fit``: do not edit by hand, rerun it.
 Per strategy, [rank 0, any other rank], per term (smpcheck.memory.plan.Term): ``x * feature +
-x2 * feature2 + const`` bytes, the features as smpcheck.memory.plan.FEATURES (``share``: memory.py's
+x2 * feature2 + const`` bytes, the features as smpcheck.memory.plan.FEATURES (``share``: the bound's
 share of the model for the rank, memory.rank_share); ``worst`` is the largest error of that
 term, relative to the phase's peak, over the sizes fitted. ``forward`` is the forward
 phase's extra above ``resident``: what a change to the forward check's unsharding moves.

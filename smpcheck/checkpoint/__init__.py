@@ -20,4 +20,8 @@ from smpcheck.checkpoint.reader import (
     model_names,
 )
 
+# The error is named where users import it from (a report says "the check itself raised
+# smpcheck.checkpoint.CheckpointError: ..."), not by the module that happens to define it.
+CheckpointError.__module__ = __name__
+
 __all__ = ["Checkpoint", "CheckpointError", "changed_files", "file_identities", "model_names"]

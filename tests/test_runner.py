@@ -29,11 +29,16 @@ def fail_on(rank: int) -> None:
 
 
 def fail_then_peer_waits() -> None:
-    """Rank 1 fails; rank 0 waits on something that never comes."""
+    """Rank 1 fails once rank 0 waits on something that never comes (said through the store:
+    failing earlier, rank 1 could leave while rank 0 still set up its connections, and rank 0
+    would raise too instead of waiting)."""
     import torch.distributed as dist
 
+    store = dist.distributed_c10d._get_default_store()
     if dist.get_rank() == 1:
+        store.wait(["rank0-waits"])
         raise KeyError("rank 1 gave up")
+    store.set("rank0-waits", "1")
     time.sleep(3600)
 
 

@@ -158,6 +158,10 @@ def _run_in_group(spec: RankSpec, conn: Connection, fn: Callable, args: tuple,
         torch.cuda.set_device(spec.rank % torch.cuda.device_count())
     store = dist.FileStore(spec.store_path, spec.world_size)
     dist.init_process_group(spec.backend, store=store, rank=spec.rank, world_size=spec.world_size)
+    # Every rank has finished connecting before any runs ``fn``: a rank whose ``fn`` returns
+    # at once left while its peer was still in gloo's connectFullMesh, failing the peer's
+    # init (seen under load).
+    dist.barrier()
     conn.send(_STARTED)
     try:
         return fn(*args, **kwargs)

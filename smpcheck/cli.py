@@ -18,8 +18,7 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from smpcheck.checkpoint.source import UsageError
-
-DTYPES = ("float32", "bfloat16", "float16")
+from smpcheck.run.plan_cli import DTYPES
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,12 +22,8 @@ import transformers as T
 
 from smpcheck.checks import ALL_CHECKS
 from smpcheck.cli import skipped_checks
+from tests.fault_cells import SMPCHECK, TAG, leftovers
 from tests.models import FAMILIES, write_checkpoint
-
-SMPCHECK = shutil.which("smpcheck") or "smpcheck"
-
-
-TAG = "SMPCHECK_TEST_TAG"
 
 
 def run_cli(*args: str, tmp: Path, env: dict | None = None, timeout: float = 240,
@@ -46,25 +42,6 @@ def run_cli(*args: str, tmp: Path, env: dict | None = None, timeout: float = 240
     left = leftovers(tag)
     assert not left, f"processes outlived smpcheck: {left}"
     return out
-
-
-def leftovers(tag: str, wait: float = 5.0) -> list[psutil.Process]:
-    """Processes started by the run tagged ``tag`` still alive after ``wait`` seconds (a
-    process whose parent has just exited may take a moment to die with it)."""
-    deadline = time.monotonic() + wait
-    while True:
-        alive = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        if not alive or time.monotonic() > deadline:
-            for proc in alive:
-                proc.kill()
-            return alive
-        time.sleep(0.2)
 
 
 def one_sentence(stderr: str) -> str:

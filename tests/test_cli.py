@@ -395,9 +395,10 @@ def test_killing_the_launcher_leaves_no_rank_behind(tmp_path) -> None:
     with subprocess.Popen([SMPCHECK, "run", "--timeout", "300"], cwd=tmp_path, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         wait_for(mark, proc)  # rank 1 now hangs in wrap; rank 0 waits for it
-        ranks = [child for child in psutil.Process(proc.pid).children(recursive=True)
-                 if "spawn_main" in " ".join(child.cmdline())]
-        assert len(ranks) == 2
+        servers = [child for child in psutil.Process(proc.pid).children()
+                   if "forkserver" in " ".join(child.cmdline())]
+        ranks = [rank for server in servers for rank in server.children()]
+        assert len(servers) == 1 and len(ranks) == 2, (servers, ranks)
         proc.kill()
     assert not leftovers(tag), "ranks outlived their launcher"
 

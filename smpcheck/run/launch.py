@@ -277,8 +277,25 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
+    _release_fork_server()
     if os.getppid() == 1:  # the parent died before the call: nobody will reap us
         os._exit(1)
+
+
+def _release_fork_server() -> None:
+    """A rank forked by a fork server holds the write end of the pipe that keeps the server
+    alive, so a server whose launcher was SIGKILLed would live on for its hung ranks, and they
+    for it. Closed here, the server ends with the launcher, and this rank (whose parent it is)
+    with the server."""
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
 
 
 class _Held(logging.Handler):
@@ -312,6 +329,32 @@ def held_launcher_logs() -> Iterator[list[str]]:
             log.propagate, log.level = propagate, level
 
 
+# What every self-launched rank imports, once, in the fork server the ranks are forked from:
+# each rank spawned fresh paid about 5 s of CPU re-importing torch and transformers (about
+# 9 s of CPU for 2 ranks on 2 cores, the bulk of a small run).
+_RANK_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.fsdp",
+    "transformers",
+    "transformers.modeling_utils",
+    "smpcheck.run.job",
+    "smpcheck.cli",
+]
+
+
+def _stop_fork_server() -> None:
+    """Stop this process's multiprocessing fork server, if one runs: the next launch starts a
+    fresh one that inherits the environment as it is then (a fork server's children get the
+    environment it started with), and none outlives the launch. Its ranks, which die with
+    their parent, go with it."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own (3.8+)
+    if stop is not None:
+        stop()
+
+
 def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
                 state: str) -> dict[int, Any]:
     """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher; the
@@ -325,11 +368,15 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
                           run_id=uuid.uuid4().hex[:8], max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn")
+                          start_method="forkserver")
     os.environ["SMPCHECK_SELF_LAUNCHED"] = "1"
     if nproc > 1:  # as torchrun does: N ranks with a thread per core each oversubscribe
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[RUN_STATE] = state  # the ranks inherit it
+    import multiprocessing
+
+    _stop_fork_server()  # one started before would hand the ranks its older environment
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_RANK_PRELOAD)
     try:
         return elastic_launch(config, entry)(*args)
     except ChildFailedError as exc:
@@ -337,3 +384,4 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
             exc.failures, timeout_marks(state))) from None
     finally:
         os.environ.pop(RUN_STATE, None)
+        _stop_fork_server()

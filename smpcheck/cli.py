@@ -175,7 +175,8 @@ def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: f
     import torch.distributed as dist
 
     from smpcheck.run.job import run_job
-    from smpcheck.run.launch import arm_watchdog, die_with_parent, init_from_env
+    from smpcheck.run.launch import arm_watchdog, init_from_env
+    from smpcheck.run.lifeline import die_with_parent
 
     if os.environ.get("SMPCHECK_SELF_LAUNCHED"):
         die_with_parent()

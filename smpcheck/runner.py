@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import multiprocessing as mp
 import os
@@ -53,7 +52,6 @@ _PRELOAD = [
     "accelerate",
     "smpcheck.runner",
 ]
-_PR_SET_PDEATHSIG = 1
 _DUMP_SIGNAL = signal.SIGUSR1
 _STARTED = ("started",)  # a rank's first message: it joined the group
 # faulthandler prints the main thread last and its outermost frame last: in a rank forked by
@@ -112,16 +110,11 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the parent's finally-kill still applies
-        pass
-
-
 def _rank_main(spec: RankSpec, conn: Connection, fn: Callable, args: tuple, kwargs: dict) -> None:
     """Entry point of one rank: join the group, run ``fn``, send back a tagged result."""
-    _die_with_parent()
+    from smpcheck.run.lifeline import die_with_parent
+
+    die_with_parent()
     os.environ.update(spec.env)
     with open(spec.dump_path, "w") as dump:
         faulthandler.register(_DUMP_SIGNAL, file=dump, all_threads=True)

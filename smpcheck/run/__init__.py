@@ -1,4 +1,5 @@
-"""Running a check as a job: becoming a rank (``launch``), the phases of one run (``job``),
+"""Running a check as a job: becoming a rank (``launch``) and dying with its launcher
+(``lifeline``), the phases of one run (``job``),
 how a run ends when a rank fails, dies or is stopped (``failures``, ``endings``,
 ``whereabouts``, planted ``faults``), the ``smpcheck plan`` command (``plan_cli``) and the
 release shims the strategies need (``compat``). The layer that runs a recipe: with

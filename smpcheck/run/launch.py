@@ -28,7 +28,6 @@ ranks started.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import faulthandler
 import logging
@@ -54,7 +53,6 @@ from smpcheck.run import faults
 from smpcheck.run.whereabouts import RUN_STATE, last_known
 
 TIMED_OUT = 124
-_PR_SET_PDEATHSIG = 1
 LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher",
                     "torch.multiprocessing")
 STACK_GRACE_S = 2.0  # after printing its stack, a timed-out rank waits for the others' stacks
@@ -266,36 +264,6 @@ def init_from_env(device: str, rendezvous_timeout: float) -> None:
         raise UsageError(f"cannot reach the rendezvous at {address} within "
                          f"{rendezvous_timeout:.0f} s ({type(exc).__name__}): check MASTER_ADDR "
                          "and MASTER_PORT, and that rank 0 is running") from exc
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux; else nothing), so a
-    launcher killed with SIGKILL leaves no rank behind. torch's spawn asks for SIGINT, which
-    a rank blocked in native code (a collective without a timeout) never acts on."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    _release_fork_server()
-    if os.getppid() == 1:  # the parent died before the call: nobody will reap us
-        os._exit(1)
-
-
-def _release_fork_server() -> None:
-    """A rank forked by a fork server holds the write end of the pipe that keeps the server
-    alive, so a server whose launcher was SIGKILLed would live on for its hung ranks, and they
-    for it. Closed here, the server ends with the launcher, and this rank (whose parent it is)
-    with the server."""
-    from multiprocessing import forkserver
-
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        forkserver._forkserver._forkserver_alive_fd = None
 
 
 class _Held(logging.Handler):

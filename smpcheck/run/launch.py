@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -341,8 +342,6 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
     if nproc > 1:  # as torchrun does: N ranks with a thread per core each oversubscribe
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[RUN_STATE] = state  # the ranks inherit it
-    import multiprocessing
-
     _stop_fork_server()  # one started before would hand the ranks its older environment
     multiprocessing.get_context("forkserver").set_forkserver_preload(_RANK_PRELOAD)
     try:

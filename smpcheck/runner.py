@@ -4,8 +4,9 @@ Tests, the pytest plugin and the CLI's self-launch share this. What it guarantee
 
 * Rendezvous goes through a ``FileStore`` in a fresh temporary directory: no port is ever
   chosen, so any number of runs (``pytest -n auto``) can proceed side by side.
-* Ranks are forked from a ``forkserver`` that has already imported torch and transformers, so a
-  rank starts in tens of milliseconds instead of re-importing torch (about 1.5 s each).
+* Ranks are forked from the process's one warm fork server (:mod:`smpcheck.run.forks`), which
+  has already imported torch and transformers, so a rank starts in tens of milliseconds
+  instead of re-importing torch (about 1.5 s each).
 * A rank's exception comes back as :class:`RankError`, naming the rank, with the child's full
   traceback; a ``pytest.skip`` in a rank skips the caller.
 * A hang ends at ``timeout``, counted from the moment every rank has joined the process group
@@ -41,17 +42,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-# Imported once by the fork server, so each rank starts warm.
-_PRELOAD = [
-    "torch",
-    "torch.distributed",
-    "torch.distributed.fsdp",
-    "torch.distributed.checkpoint.state_dict",
-    "transformers",
-    "transformers.modeling_utils",
-    "accelerate",
-    "smpcheck.runner",
-]
+from smpcheck.run import forks
+
 _DUMP_SIGNAL = signal.SIGUSR1
 _STARTED = ("started",)  # a rank's first message: it joined the group
 # faulthandler prints the main thread last and its outermost frame last: in a rank forked by
@@ -97,6 +89,7 @@ class RankSpec:
     device: str
     dump_path: str
     env: dict[str, str] = field(default_factory=dict)
+    own_env: dict[str, str] = field(default_factory=dict)  # the caller's SMPCHECK_* now
 
 
 def default_backend(device: str) -> str:
@@ -104,17 +97,12 @@ def default_backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
-def _context() -> mp.context.BaseContext:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    return ctx
-
-
 def _rank_main(spec: RankSpec, conn: Connection, fn: Callable, args: tuple, kwargs: dict) -> None:
     """Entry point of one rank: join the group, run ``fn``, send back a tagged result."""
     from smpcheck.run.lifeline import die_with_parent
 
     die_with_parent()
+    forks.adopt_environment(spec.own_env)
     os.environ.update(spec.env)
     with open(spec.dump_path, "w") as dump:
         faulthandler.register(_DUMP_SIGNAL, file=dump, all_threads=True)
@@ -263,10 +251,11 @@ def run_on_ranks(
                 device,
                 os.path.join(tmp, f"stack-{rank}.txt"),
                 dict(env or {}),
+                forks.own_environment(),
             )
             for rank in range(world_size)
         ]
-        ctx = _context()
+        ctx = forks.context()
         pipes = [ctx.Pipe(duplex=False) for _ in specs]
         procs = [
             ctx.Process(

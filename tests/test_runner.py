@@ -144,3 +144,39 @@ def test_rank_that_crashes_leaves_its_stack_in_the_error(tmp_path) -> None:
 
 def test_fixture_from_plugin(ranks) -> None:
     assert [r[0] for r in ranks(all_reduce_rank, 2)] == [0, 1]
+
+
+def server_and_variables() -> tuple[int, str | None, str | None]:
+    return os.getppid(), os.environ.get("SMPCHECK_PROBE"), os.environ.get("SMPCHECK_GONE")
+
+
+def test_ranks_fork_from_one_warm_server_that_hands_over_each_launchs_variables(
+        tmp_path, monkeypatch) -> None:
+    """smpcheck's own variables reach each launch's ranks as they are at that launch (a fork
+    server's children otherwise get its start-up environment); the server is kept while only
+    those change, and restarted when another variable does (a library may read it once)."""
+    monkeypatch.setenv("SMPCHECK_PROBE", "first")
+    monkeypatch.setenv("SMPCHECK_GONE", "here")
+    first = run_on_ranks(server_and_variables, 1, workdir=tmp_path)[0]
+    monkeypatch.setenv("SMPCHECK_PROBE", "second")
+    monkeypatch.delenv("SMPCHECK_GONE")
+    second = run_on_ranks(server_and_variables, 1, workdir=tmp_path)[0]
+    assert first[1:] == ("first", "here") and second[1:] == ("second", None)
+    assert second[0] == first[0], "the server was restarted for smpcheck's own variables"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    third = run_on_ranks(server_and_variables, 1, workdir=tmp_path)[0]
+    assert third[0] != first[0], "a library's variable changed under a kept server"
+
+
+def test_only_smpchecks_own_variables_are_handed_over(monkeypatch) -> None:
+    from smpcheck.run import forks
+
+    monkeypatch.setenv("SMPCHECK_A", "1")
+    monkeypatch.setenv("SMPCHECK_STALE", "old")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    own = forks.own_environment()
+    assert own["SMPCHECK_A"] == "1" and "OMP_NUM_THREADS" not in own
+    monkeypatch.setenv("SMPCHECK_A", "2")
+    forks.adopt_environment({k: v for k, v in own.items() if k != "SMPCHECK_STALE"})
+    assert os.environ["SMPCHECK_A"] == "1" and "SMPCHECK_STALE" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "3"  # a library's: never touched in a rank

@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import logging
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -50,7 +49,7 @@ import torch.distributed as dist
 
 from smpcheck.checkpoint.source import UsageError
 from smpcheck.report.files import write_atomically
-from smpcheck.run import faults
+from smpcheck.run import faults, forks
 from smpcheck.run.whereabouts import RUN_STATE, last_known
 
 TIMED_OUT = 124
@@ -298,32 +297,6 @@ def held_launcher_logs() -> Iterator[list[str]]:
             log.propagate, log.level = propagate, level
 
 
-# What every self-launched rank imports, once, in the fork server the ranks are forked from:
-# each rank spawned fresh paid about 5 s of CPU re-importing torch and transformers (about
-# 9 s of CPU for 2 ranks on 2 cores, the bulk of a small run).
-_RANK_PRELOAD = [
-    "torch",
-    "torch.distributed",
-    "torch.distributed.fsdp",
-    "transformers",
-    "transformers.modeling_utils",
-    "smpcheck.run.job",
-    "smpcheck.cli",
-]
-
-
-def _stop_fork_server() -> None:
-    """Stop this process's multiprocessing fork server, if one runs: the next launch starts a
-    fresh one that inherits the environment as it is then (a fork server's children get the
-    environment it started with), and none outlives the launch. Its ranks, which die with
-    their parent, go with it."""
-    from multiprocessing import forkserver
-
-    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython's own (3.8+)
-    if stop is not None:
-        stop()
-
-
 def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
                 state: str) -> dict[int, Any]:
     """Run ``entry(*args)`` on ``nproc`` local ranks through torch's elastic launcher; the
@@ -339,16 +312,27 @@ def self_launch(nproc: int, entry: Callable[..., int], args: tuple,
                           run_id=uuid.uuid4().hex[:8], max_restarts=0, monitor_interval=0.1,
                           start_method="forkserver")
     os.environ["SMPCHECK_SELF_LAUNCHED"] = "1"
-    if nproc > 1:  # as torchrun does: N ranks with a thread per core each oversubscribe
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ[RUN_STATE] = state  # the ranks inherit it
-    _stop_fork_server()  # one started before would hand the ranks its older environment
-    multiprocessing.get_context("forkserver").set_forkserver_preload(_RANK_PRELOAD)
+    os.environ[RUN_STATE] = state  # handed to the ranks with smpcheck's other variables
+    threads = 1 if nproc > 1 and "OMP_NUM_THREADS" not in os.environ else None
+    forks.context()  # a warm fork server, restarted if the environment changed under it
     try:
-        return elastic_launch(config, entry)(*args)
+        return elastic_launch(config, _forked_rank)(
+            entry, forks.own_environment(), forks.launcher_streams(), threads, *args)
     except ChildFailedError as exc:
         raise ChildFailedError(exc.name, with_timed_out_ranks(
             exc.failures, timeout_marks(state))) from None
     finally:
         os.environ.pop(RUN_STATE, None)
-        _stop_fork_server()
+
+
+def _forked_rank(entry: Callable[..., int], own: dict[str, str], streams: list,
+                 threads: int | None, *args: Any) -> int:
+    """A self-launched rank, forked from the warm server: it takes the launcher's variables
+    and streams as they were at this launch, then runs ``entry(*args)``. ``threads``: one
+    intra-op thread per rank when several share the machine and the user set none, as torchrun
+    does (N ranks with a thread per core each would oversubscribe it)."""
+    forks.adopt_environment(own)
+    forks.adopt_streams(streams)
+    if threads:
+        torch.set_num_threads(threads)
+    return entry(*args)

@@ -8,6 +8,8 @@ import ctypes
 import os
 import signal
 
+from smpcheck.run import forks
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -21,22 +23,6 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    _release_fork_server()
+    forks.release()
     if os.getppid() == 1:
         os._exit(1)
-
-
-def _release_fork_server() -> None:
-    """A rank forked by a fork server holds the write end of the pipe that keeps the server
-    alive, so a server whose launcher was SIGKILLed would live on for its hung ranks, and they
-    for it. Closed here, the server ends with the launcher, and this rank (whose parent it is)
-    with the server."""
-    from multiprocessing import forkserver
-
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        forkserver._forkserver._forkserver_alive_fd = None

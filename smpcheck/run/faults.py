@@ -32,7 +32,6 @@ Nothing here runs unless the variable is set.
 
 from __future__ import annotations
 
-import atexit
 import builtins
 import errno
 import io
@@ -43,6 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from multiprocessing import util
 from pathlib import Path
 
 from smpcheck.report.files import write_atomically
@@ -98,7 +98,9 @@ def arm(rank: int, checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
     _armed = _Armed(fault, checkpoint, Path(report_dir))
     if fault.kind == "vanish" and fault.rank == rank and checkpoint.is_dir():
         copy = Path(tempfile.mkdtemp(prefix=f"smpcheck-node-copy-rank{rank}-"))
-        atexit.register(shutil.rmtree, copy, ignore_errors=True)
+        # At the rank's exit: a multiprocessing child never runs atexit (it leaves by _exit)
+        util.Finalize(None, shutil.rmtree, args=(copy,), kwargs={"ignore_errors": True},
+                      exitpriority=0)
         _armed.checkpoint = Path(shutil.copytree(checkpoint, copy / checkpoint.name))
     return _armed.checkpoint
 

@@ -21,26 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from smpcheck.run.faults import damaged, largest_file
+from tests.console import run_cli
 
-SMPCHECK = shutil.which("smpcheck") or "smpcheck"
-TAG = "SMPCHECK_TEST_TAG"
 KINDS = ("kill", "preempt", "stall", "truncate", "replace", "eio", "readonly", "full", "vanish")
 CHECKS = ("preflight", "config_parity", "initialised", "rank_parity", "checkpoint_parity",
           "coverage", "fresh_init", "masters", "tp_shards", "forward", "tp_numerics", "memory")
 PHASES = ("start", "load", "transform", "wrap", *CHECKS, "report")
 EXIT_CODES = {"preempt": 128 + signal.SIGTERM, "readonly": 3, "full": 3}
+# Faults the launching process itself meets (a preemption signals the job's process group; a
+# report directory refuses the launcher too): their cells run the real console script. The
+# rest fault only ranks, and run warm in this process (tests/console.py).
+LAUNCHER_KINDS = ("preempt", "readonly", "full")
 STALL_TIMEOUT_S = 10  # counted from the stall's own mark, not from the start
 
 
@@ -77,24 +76,6 @@ def expected_digests(kind: str, folder: Path, before: dict[str, str]) -> dict[st
     return {**before, target.name: hashlib.sha256(damaged(kind, target.read_bytes())).hexdigest()}
 
 
-def leftovers(tag: str, wait: float = 5.0) -> list[psutil.Process]:
-    """Processes of the run tagged ``tag`` still alive after ``wait`` s (killed, then named)."""
-    deadline = time.monotonic() + wait
-    while True:
-        alive = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        if not alive or time.monotonic() > deadline:
-            for proc in alive:
-                proc.kill()
-            return alive
-        time.sleep(0.2)
-
-
 def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
              limit_s: float = 300) -> Cell:
     """``smpcheck run`` (2 ranks; TP 2 where the phase is ``transform``, which only a TP run
@@ -105,19 +86,14 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
     ckpt = Path(shutil.copytree(checkpoint, workdir / "ckpt"))
     reports = workdir / "reports"
     wanted = expected_digests(kind, ckpt, digests(ckpt))
-    tag = uuid.uuid4().hex
-    env = {**os.environ, "SMPCHECK_DEBUG_FAULT": f"{kind}:{rank}:{phase}",
-           "SMPCHECK_DEBUG_FAULT_MARK": str(workdir / "fault-began"), TAG: tag,
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    variables = {"SMPCHECK_DEBUG_FAULT": f"{kind}:{rank}:{phase}",
+                 "SMPCHECK_DEBUG_FAULT_MARK": str(workdir / "fault-began")}
     timeout = STALL_TIMEOUT_S if kind == "stall" else 600
-    command = [SMPCHECK, "run", str(ckpt), "--tp", str(tp), "--report-dir", str(reports),
-               "--timeout", str(timeout)]
+    copies = _node_copies()
     start = time.monotonic()
-    # Its own session: a preemption signals the whole process group, and this is not in it.
-    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir,
-                         timeout=limit_s, start_new_session=True)
+    out = run_cli("run", str(ckpt), "--tp", str(tp), "--report-dir", str(reports),
+                  "--timeout", str(timeout), tmp=workdir, env=variables, timeout=limit_s,
+                  fresh=kind in LAUNCHER_KINDS, leftovers_fail=False)
     cell.seconds = time.monotonic() - start
     cell.code = out.returncode
     if not (workdir / "fault-began").exists():
@@ -125,10 +101,16 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
     _judge(cell, out.stderr, reports / f"smpcheck-smp-tp{tp}.json")
     if digests(ckpt) != wanted:
         cell.problems.append("the checkpoint's bytes changed beyond the planted fault")
-    left = leftovers(tag)
-    if left:
-        cell.problems.append(f"processes left: {[p.pid for p in left]}")
+    if out.left:
+        cell.problems.append(f"processes left: {out.left}")
+    if _node_copies() - copies:
+        cell.problems.append(f"node copies left: {sorted(_node_copies() - copies)}")
     return cell
+
+
+def _node_copies() -> set[str]:
+    """The node-local checkpoint copies a ``vanish`` makes, in the temporary directory."""
+    return {p.name for p in Path(tempfile.gettempdir()).glob("smpcheck-node-copy-*")}
 
 
 def _judge(cell: Cell, stderr: str, json_report: Path) -> None:

@@ -1,6 +1,9 @@
-"""``smpcheck`` through its real console script: every strategy, TP, torchrun, faults, bad
-input (exit 2 with one sentence), a rank failing mid-run (exit 1 with a report), a hang
-stopped at --timeout, concurrent runs, and real BERT weights. No run leaves a process."""
+"""``smpcheck`` as its console script runs: every strategy, TP, torchrun, faults, bad input
+(exit 2 with one sentence), a rank failing mid-run (exit 1 with a report), a hang stopped at
+--timeout, concurrent runs, and real BERT weights. Most runs call the CLI's ``main`` in this
+process (:mod:`tests.console`); through the real console script go torchrun, the launcher
+killed, runs side by side, and one bad input per way a refusal leaves it. No run leaves a
+process."""
 
 from __future__ import annotations
 
@@ -22,38 +25,8 @@ import transformers as T
 
 from smpcheck.checks import ALL_CHECKS
 from smpcheck.cli import skipped_checks
-from tests.fault_cells import SMPCHECK, TAG, leftovers
+from tests.console import SMPCHECK, TAG, leftovers, one_sentence, report_json, run_cli
 from tests.models import FAMILIES, write_checkpoint
-
-
-def run_cli(*args: str, tmp: Path, env: dict | None = None, timeout: float = 240,
-            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run the console script in ``tmp``; fail if any process it started outlives it."""
-    tag = uuid.uuid4().hex
-    full_env = {**os.environ, "SMPCHECK_CACHE": str(tmp / "cache"),
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-                TAG: tag, **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if key not in (env or {}):
-            full_env.pop(key, None)
-    command = (launcher or [SMPCHECK]) + list(args)
-    out = subprocess.run(command, capture_output=True, text=True, env=full_env,
-                         timeout=timeout, cwd=tmp)
-    left = leftovers(tag)
-    assert not left, f"processes outlived smpcheck: {left}"
-    return out
-
-
-def one_sentence(stderr: str) -> str:
-    """The single line smpcheck ends a failed run with; nothing else on stderr."""
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("smpcheck: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
-
-
-def report_json(tmp: Path, stem: str) -> dict:
-    return json.loads((tmp / "reports" / f"{stem}.json").read_text())
 
 
 def test_real_smp_strategy_is_a_clear_skip(tmp_path) -> None:
@@ -213,22 +186,6 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
 THROUGH_THE_CONSOLE_SCRIPT = {"corrupt", "bad_int", "rendezvous"}
 
 
-def main_in_process(args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """``smpcheck ARGS`` as the console script runs it, in this process: (exit code, stderr)."""
-    from smpcheck.cli import main
-
-    monkeypatch.chdir(tmp)
-    monkeypatch.setenv("SMPCHECK_CACHE", str(tmp / "cache"))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    capsys.readouterr()
-    try:
-        code = main(args)
-    except SystemExit as exc:  # argparse's own exits
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize(("case", "sentence"), [
     ("unknown", "unknown model 'no-such-org/no-such-model': not a directory, and not in the "
                 "local Hugging Face cache"),
@@ -251,8 +208,7 @@ def main_in_process(args: list[str], tmp: Path, monkeypatch, capsys) -> tuple[in
     ("skip_unknown", "--skip fast: no such check; the checks are preflight, "),
     ("skip_all", "--skip names every check: nothing would be verified"),
 ])
-def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence, monkeypatch,
-                                             capsys) -> None:
+def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentence) -> None:
     directory = {c: ["run", str(bad_inputs[c])] for c in (
         "no_weights", "corrupt", "truncated", "config_json", "config_type", "config_sizes",
         "index_missing_file")}
@@ -275,13 +231,10 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path, bad_inputs, case, sentenc
     env = ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(_closed_port())} if case == "rendezvous" else None)
     start = time.monotonic()
-    if case in THROUGH_THE_CONSOLE_SCRIPT:
-        out = run_cli(*args, tmp=tmp_path, env=env, timeout=120)
-        code, stderr = out.returncode, out.stderr
-    else:
-        code, stderr = main_in_process(args, tmp_path, monkeypatch, capsys)
-    assert code == 2, stderr
-    assert sentence in one_sentence(stderr), stderr
+    out = run_cli(*args, tmp=tmp_path, env=env, timeout=120,
+                  fresh=case in THROUGH_THE_CONSOLE_SCRIPT)
+    assert out.returncode == 2, out.stderr
+    assert sentence in one_sentence(out.stderr), out.stderr
     assert not (tmp_path / "reports" / "smpcheck-smp-tp1.json").exists()
     assert time.monotonic() - start < 60
 
@@ -455,7 +408,7 @@ def test_concurrent_runs_never_share_a_port(tmp_path, monkeypatch) -> None:
         (tmp_path / str(i)).mkdir()
         return run_cli("run", "--strategy", "naive", "--nproc-per-node", "1",
                        tmp=tmp_path / str(i), env={"SMPCHECK_CACHE": str(tmp_path / "cache")},
-                       timeout=180)
+                       timeout=180, fresh=True)
 
     start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:

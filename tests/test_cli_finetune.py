@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from tests.console import one_sentence, report_json, run_cli
 from tests.models import FAMILIES, write_checkpoint
-from tests.test_cli import report_json, run_cli
 
 HEAD = ["--model-class", "AutoModelForSequenceClassification", "--num-labels", "3"]
 
@@ -95,16 +95,13 @@ def test_trained_adapter_dir_with_fsdp2(tmp_path, ckpt) -> None:
     (["--config", "intermediate_size=-1"], "intermediate_size=-1: transformers cannot build "
                                            "LlamaForCausalLM with this config (RuntimeError"),
 ])
-def test_unsupported_or_wrong_setup_exits_2_with_one_sentence(tmp_path, ckpt, args, sentence,
-                                                              monkeypatch, capsys) -> None:
+def test_unsupported_or_wrong_setup_exits_2_with_one_sentence(tmp_path, ckpt, args,
+                                                              sentence) -> None:
     """Refused in the parent before any rank starts (the console script's own path is tested
-    in test_cli.py; here main runs in process: a script start costs seconds of imports)."""
-    from tests.test_cli import main_in_process
-
-    code, stderr = main_in_process(["run", str(ckpt), *args], tmp_path, monkeypatch, capsys)
-    assert code == 2, stderr
-    assert sentence in stderr, stderr
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    in test_cli.py)."""
+    out = run_cli("run", str(ckpt), *args, tmp=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert sentence in one_sentence(out.stderr), out.stderr
 
 
 # -- the flags' parsing, in process -------------------------------------------------------------

@@ -10,7 +10,7 @@ from packaging.version import Version
 from smpcheck.run import compat
 from smpcheck.strategies.accelerate_fsdp import AccelerateFSDP1, AccelerateFSDP2
 from smpcheck.strategies.external import TransformersTPPlan
-from tests.test_cli import run_cli
+from tests.console import run_cli
 
 
 def at(monkeypatch, transformers: str = "5.24.0", accelerate: str = "1.15.0") -> None:

@@ -119,7 +119,7 @@ def test_the_deepspeed_strategies_are_measured_beside_ours_in_compare(tmp_path) 
     included."""
     import json
 
-    from tests.test_cli import run_cli
+    from tests.console import run_cli
 
     strategies = ["deepspeed-zero3"]  # zero2 runs the same path with replicated parameters
     out = run_cli("compare", "--strategies", ",".join(strategies), tmp=tmp_path, timeout=600,

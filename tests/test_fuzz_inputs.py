@@ -31,8 +31,8 @@ import transformers as T
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.console import one_sentence, run_cli
 from tests.models import FAMILIES, perturbed
-from tests.test_cli import one_sentence, run_cli
 
 DEEP = os.environ.get("SMPCHECK_FUZZ") == "deep"
 settings.register_profile("smpcheck-fuzz-ci", max_examples=5, derandomize=True, database=None,

@@ -22,6 +22,7 @@ from smpcheck.integrations.transformers import SmpcheckCallback
 from smpcheck.report.compare import compare, text_table, write_comparison
 from smpcheck.report.model import CheckResult, Finding, Report, Status
 from smpcheck.report.units import human_bytes
+from tests.console import run_cli
 from tests.models import FAMILIES
 from tests.releases import needs_accelerate_fsdp, needs_tp_plan
 
@@ -301,8 +302,7 @@ def test_accelerate_example_without_ram_efficient_loading(checkpoints, tmp_path,
 
 @needs_accelerate_fsdp
 def test_compare_measures_accelerate_beside_ours_with_a_chart(tmp_path) -> None:
-    out = launch([sys.executable, "-m", "smpcheck", "compare", "--strategies",
-                  "accelerate-fsdp,accelerate-fsdp1"], tmp_path, timeout=240)
+    out = run_cli("compare", "--strategies", "accelerate-fsdp,accelerate-fsdp1", tmp=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[smpcheck] loading: rank 1: " in out.stdout
     data = json.loads((tmp_path / "reports" / "compare-demo.json").read_text())

@@ -5,9 +5,7 @@ CLI once end to end plus one bad input."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ from smpcheck.memory.plan import (
 from smpcheck.memory.plan_fit import FIT
 from smpcheck.run.plan_cli import strategy_facts
 from smpcheck.strategies import STRATEGIES
+from tests.console import run_cli
 from tests.models import write_checkpoint
 
 GIB = 2**30
@@ -172,9 +171,7 @@ def test_skipping_the_forward_phase_leaves_it_out(tiny) -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, "-m", "smpcheck", "plan", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
+    return run_cli("plan", *args, tmp=cwd)
 
 
 def test_the_cli_prints_the_plan_as_json(tiny, tmp_path) -> None:

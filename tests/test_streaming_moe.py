@@ -14,9 +14,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from reference_impl import DelayedParamIniter, apply_fsdp1, load_on_rank0
 from reference_impl.streaming import load_streaming
+from tests.console import run_cli
 from tests.models import MOE_FAMILIES, write_checkpoint
 from tests.releases import needs_transformers_5
-from tests.test_cli import run_cli
 
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 

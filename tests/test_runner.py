@@ -146,6 +146,22 @@ def test_fixture_from_plugin(ranks) -> None:
     assert [r[0] for r in ranks(all_reduce_rank, 2)] == [0, 1]
 
 
+def forked_from_the_fork_server() -> bool:
+    from smpcheck.run import forks
+
+    return forks._in_the_fork_server()
+
+
+def test_only_the_fork_server_skips_its_teardown(tmp_path) -> None:
+    """The server leaves at once when its launcher is gone (its ranks die only after it), and
+    nothing else does: this process is not a fork server; a rank, forked from one, sees the
+    server's command line."""
+    from smpcheck.run import forks
+
+    assert not forks._in_the_fork_server()
+    assert run_on_ranks(forked_from_the_fork_server, 1, workdir=tmp_path) == [True]
+
+
 def server_and_variables() -> tuple[int, str | None, str | None]:
     return os.getppid(), os.environ.get("SMPCHECK_PROBE"), os.environ.get("SMPCHECK_GONE")
 

@@ -13,16 +13,19 @@ verbosity)."""
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
+import sys
 from multiprocessing import forkserver, reduction
 from multiprocessing.context import BaseContext
 from typing import Any
 
 OWN_PREFIX = "SMPCHECK_"
-# Handed to each rank like smpcheck's own rather than watched: pytest names the running test
-# in it, a new value at every test, and no library reads it at import.
-HANDED_OVER = ("PYTEST_CURRENT_TEST",)
+# Handed to each rank like smpcheck's own rather than watched, as no library reads them at
+# import: pytest names the running test in the first (a new value at every test); torch's
+# elastic launcher sets the second at each launch, for its agent in the launching process.
+HANDED_OVER = ("PYTEST_CURRENT_TEST", "TORCHELASTIC_SIGNALS_TO_HANDLE")
 PRELOAD = [
     "torch",
     "torch.distributed",
@@ -37,6 +40,19 @@ PRELOAD = [
 ]
 
 _started_with: dict[str, str] | None = None  # the foreign variables the server started with
+
+
+def _in_the_fork_server() -> bool:
+    return any("multiprocessing.forkserver import main" in arg
+               for arg in getattr(sys, "orig_argv", ()))
+
+
+if _in_the_fork_server():
+    # The server, its launcher gone, leaves at once instead of tearing down torch and
+    # transformers (1.3 s of CPU, several seconds on a loaded node): a SIGKILLed launcher's
+    # ranks die with their parent, this server, so they would live that long too. Its
+    # children leave by _exit and never run this.
+    atexit.register(os._exit, 0)
 
 
 def context() -> BaseContext:

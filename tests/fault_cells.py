@@ -109,8 +109,11 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
 
 
 def _node_copies() -> set[str]:
-    """The node-local checkpoint copies a ``vanish`` makes, in the temporary directory."""
-    return {p.name for p in Path(tempfile.gettempdir()).glob("smpcheck-node-copy-*")}
+    """The node-local checkpoint copies a ``vanish`` makes: in a self-launched run's state
+    directory (which its launcher removes), else in the temporary directory."""
+    temp = Path(tempfile.gettempdir())
+    return {str(p.relative_to(temp)) for pattern in (
+        "smpcheck-node-copy-*", "smpcheck-run-*/smpcheck-node-copy-*") for p in temp.glob(pattern)}
 
 
 def _judge(cell: Cell, stderr: str, json_report: Path) -> None:

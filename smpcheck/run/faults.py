@@ -87,9 +87,10 @@ def planted() -> Planted | None:
     return Planted(kind, int(rank), phase)
 
 
-def arm(rank: int, checkpoint: str | os.PathLike, report_dir: str | os.PathLike) -> Path:
+def arm(rank: int, checkpoint: str | os.PathLike, report_dir: str | os.PathLike,
+        scratch: str | None = None) -> Path:
     """Get ready on this rank; returns the checkpoint path the rank must read (its own copy
-    under ``vanish``)."""
+    under ``vanish``, made in ``scratch`` if given, else in the temporary directory)."""
     global _armed
     fault = planted()
     checkpoint = Path(checkpoint)
@@ -97,8 +98,10 @@ def arm(rank: int, checkpoint: str | os.PathLike, report_dir: str | os.PathLike)
         return checkpoint
     _armed = _Armed(fault, checkpoint, Path(report_dir))
     if fault.kind == "vanish" and fault.rank == rank and checkpoint.is_dir():
-        copy = Path(tempfile.mkdtemp(prefix=f"smpcheck-node-copy-rank{rank}-"))
-        # At the rank's exit: a multiprocessing child never runs atexit (it leaves by _exit)
+        # Removed at the rank's own exit (a multiprocessing child leaves by _exit: it never
+        # runs atexit); a rank stopped by a signal runs nothing, so a self-launch's copy goes
+        # in its run-state directory (``scratch``), which the launcher removes.
+        copy = Path(tempfile.mkdtemp(prefix=f"smpcheck-node-copy-rank{rank}-", dir=scratch))
         util.Finalize(None, shutil.rmtree, args=(copy,), kwargs={"ignore_errors": True},
                       exitpriority=0)
         _armed.checkpoint = Path(shutil.copytree(checkpoint, copy / checkpoint.name))

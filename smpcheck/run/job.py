@@ -213,7 +213,8 @@ def _remove_stale_log(log: Path) -> None:
 def _armed(opts: RunOptions, rank: int, report_dir: str) -> RunOptions:
     """The options with the checkpoint this rank reads: its own copy under a planted
     ``vanish`` (:mod:`smpcheck.run.faults`), else the same."""
-    path = faults.arm(rank, opts.source.path, report_dir)
+    path = faults.arm(rank, opts.source.path, report_dir,
+                      scratch=os.environ.get(whereabouts.RUN_STATE))
     if path == Path(opts.source.path):
         return opts
     return replace(opts, source=replace(opts.source, path=path))

@@ -170,7 +170,7 @@ def _check_nproc(args: argparse.Namespace) -> None:
 @record  # a rank's exception reaches the launching process, which prints it as a sentence
 def rank_entry(opts, report_dir: str, stem: str, timeout: float, rdzv_timeout: float,
                deadline: float | None = None) -> int:
-    """One rank: watchdog, process group, the job. Module level: spawned ranks import it.
+    """One rank: watchdog, process group, the job. Module level: forked ranks find it by name.
     ``deadline`` (wall clock) is shared by every self-launched rank, so all time out at once."""
     import torch.distributed as dist
 

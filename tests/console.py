@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,12 +79,20 @@ def _ended(out: subprocess.CompletedProcess, left: list[int]) -> Run:
 
 def leftovers(tag: str, wait: float = 5.0) -> list[psutil.Process]:
     """Processes of the run tagged ``tag`` still alive after ``wait`` s (killed, then named)."""
+    return _killed_if_left(psutil.process_iter, lambda p: p.environ().get(TAG) == tag, wait)
+
+
+def _killed_if_left(candidates: Callable[[], Iterable[psutil.Process]],
+                    of_the_run: Callable[[psutil.Process], bool],
+                    wait: float) -> list[psutil.Process]:
+    """Those of ``candidates()`` that are ``of_the_run`` and still alive (not zombies) after
+    ``wait`` s: killed, then named."""
     deadline = time.monotonic() + wait
     while True:
         alive = []
-        for proc in psutil.process_iter():
+        for proc in candidates():
             try:
-                if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                if of_the_run(proc) and proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
@@ -92,8 +100,7 @@ def leftovers(tag: str, wait: float = 5.0) -> list[psutil.Process]:
             for proc in alive:
                 proc.kill()
             return alive
-        time.sleep(0.2)
-
+        time.sleep(0.1)
 
 
 def _in_this_process(args: list[str], tmp: Path, variables: dict[str, str]) -> Run:
@@ -209,21 +216,8 @@ def _started_since(before: set[int], wait: float = 5.0) -> list[psutil.Process]:
     from multiprocessing import forkserver, resource_tracker
 
     kept = {forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid}
-    deadline = time.monotonic() + wait
-    while True:
-        alive = []
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if (proc.pid not in before | kept
-                        and proc.status() != psutil.STATUS_ZOMBIE):
-                    alive.append(proc)
-            except psutil.NoSuchProcess:
-                continue
-        if not alive or time.monotonic() > deadline:
-            for proc in alive:
-                proc.kill()
-            return alive
-        time.sleep(0.1)
+    return _killed_if_left(lambda: psutil.Process().children(recursive=True),
+                           lambda p: p.pid not in before | kept, wait)
 
 
 def one_sentence(stderr: str) -> str:

@@ -103,8 +103,9 @@ def run_cell(kind: str, phase: str, rank: int, checkpoint: Path, workdir: Path,
         cell.problems.append("the checkpoint's bytes changed beyond the planted fault")
     if out.left:
         cell.problems.append(f"processes left: {out.left}")
-    if _node_copies() - copies:
-        cell.problems.append(f"node copies left: {sorted(_node_copies() - copies)}")
+    copies_left = _node_copies() - copies
+    if copies_left:
+        cell.problems.append(f"node copies left: {sorted(copies_left)}")
     return cell
 
 
